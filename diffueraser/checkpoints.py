@@ -1,0 +1,95 @@
+"""Crash-safe accelerate checkpoints: atomic writes, `latest`, rotation, and reading them back.
+
+A checkpoint is written to `checkpoint-N.partial/` and renamed to `checkpoint-N/` only after
+`accelerator.save_state` returned on every process, so a save cut short by a crash or a full
+disk is never taken for the latest one. Inside, accelerate's own layout is kept (the same as the
+original DiffuEraser scripts): `model.safetensors` holds the first prepared model (the UNet),
+`model_1.safetensors` the second (BrushNet, stage 1 only), plus optimizer, LR schedule and RNG.
+"""
+import os
+import re
+import shutil
+
+from safetensors.torch import load_file
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+MODEL_FILES = ("model.safetensors", "model_1.safetensors")
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints in `output_dir`, oldest first, as (step, path)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = CHECKPOINT_RE.match(name)
+        path = os.path.join(output_dir, name)
+        if m and os.path.isfile(os.path.join(path, MODEL_FILES[0])):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def find_latest_checkpoint(output_dir):
+    """Path of the newest complete checkpoint in `output_dir`, or None."""
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(spec, output_dir):
+    """`latest`, a run folder, or a checkpoint folder -> checkpoint path (None if `latest` finds none)."""
+    if spec == "latest":
+        return find_latest_checkpoint(output_dir)
+    for path in (spec, os.path.join(output_dir, spec)):
+        if os.path.isfile(os.path.join(path, MODEL_FILES[0])):
+            return path
+        if os.path.isdir(path) and list_checkpoints(path):
+            return find_latest_checkpoint(path)
+    raise FileNotFoundError(f"{spec}: not a checkpoint folder (no {MODEL_FILES[0]}) nor a run folder with one")
+
+
+def checkpoint_step(path):
+    m = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    if not m:
+        raise ValueError(f"{path}: checkpoint folders are named checkpoint-<step>")
+    return int(m.group(1))
+
+
+def save_checkpoint(accelerator, output_dir, step, total_limit=None):
+    """Save the full training state as `output_dir/checkpoint-<step>` (atomically); returns its path."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    partial = final + ".partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        if total_limit is not None:
+            prune_checkpoints(output_dir, total_limit - 1)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(output_dir, keep):
+    """Delete the oldest complete checkpoints so at most `keep` remain, and any stale partial ones."""
+    for name in os.listdir(output_dir):
+        if name.startswith("checkpoint-") and name.endswith(".partial"):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    found = list_checkpoints(output_dir)
+    for _, path in found[:max(0, len(found) - max(keep, 0))]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint_models(path):
+    """The model tensors of a checkpoint: a list of state dicts, in prepare order."""
+    states = []
+    for name in MODEL_FILES:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            states.append(load_file(file))
+    if not states:
+        raise FileNotFoundError(f"{path}: no {MODEL_FILES[0]} (not an accelerate checkpoint)")
+    return states

@@ -1,0 +1,475 @@
+"""The training core shared by both DiffuEraser stages.
+
+A stage script only says what differs (which models, which of their parameters train, which
+pipeline validates) through a `Stage`; everything else lives here: frozen models, data, the
+step, the loop, checkpoints, validation and the final save. Trained/frozen is decided from
+`requires_grad`, never from the stage name.
+"""
+import json
+import logging
+import math
+import os
+import random
+import signal
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from diffueraser.checkpoints import checkpoint_step, resolve_checkpoint, save_checkpoint
+
+logger = get_logger("diffueraser")
+
+
+@dataclass
+class Stage:
+    """What a training stage is made of.
+
+    build_models(args) -> (unet, brushnet) with `requires_grad` already set on what trains.
+    pipeline_cls: the validation sampler class, built as pipeline_cls(vae=, text_encoder=,
+    tokenizer=, unet=, brushnet=, scheduler=).
+    """
+    name: str
+    build_models: Callable
+    pipeline_cls: Callable = None
+
+
+# ----------------------------------------------------------------------------- frozen models
+def find_vae_folder(path):
+    """The VAE folder: `path` itself or its `vae/` subfolder, whichever holds a config.json."""
+    for candidate in (path, os.path.join(path, "vae")):
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return candidate
+    raise FileNotFoundError(f"--vae_path: {path} has no config.json (nor vae/config.json)")
+
+
+def load_frozen_models(args):
+    """Tokenizer, text encoder, VAE and the training noise scheduler."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base = args.base_model_name_or_path
+    tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name or os.path.join(base, "tokenizer"),
+                                              revision=args.revision)
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=args.revision,
+                                                 variant=args.variant)
+    vae = AutoencoderKL.from_pretrained(find_vae_folder(args.vae_path or base), revision=args.revision)
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    for m in (text_encoder, vae):
+        m.requires_grad_(False).eval()
+    return tokenizer, text_encoder, vae, noise_scheduler
+
+
+def is_trained(model):
+    return any(p.requires_grad for p in model.parameters())
+
+
+class TextEmbedder:
+    """Text encoder outputs cached per distinct caption (the caption is constant or empty, so
+    after the first step this costs nothing)."""
+
+    def __init__(self, text_encoder):
+        self.text_encoder = text_encoder
+        self.cache = {}
+
+    @torch.no_grad()
+    def __call__(self, input_ids):  # (B, 77) -> (B, 77, D)
+        rows = []
+        for ids in input_ids:
+            key = tuple(ids.tolist())
+            if key not in self.cache:
+                self.cache[key] = self.text_encoder(ids[None].to(self.text_encoder.device))[0][0]
+            rows.append(self.cache[key])
+        return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------- the step
+@torch.no_grad()
+def encode_latents(vae, pixel_values, conditioning_pixel_values, chunk=0):
+    """VAE latents of frames and masked frames in one pass.
+
+    pixel_values, conditioning_pixel_values: (B, F, 3, H, W) in [-1, 1].
+    Returns two (B*F, 4, H/8, W/8) tensors, scaled by the VAE's scaling factor.
+    """
+    b, f = pixel_values.shape[:2]
+    x = torch.cat([pixel_values, conditioning_pixel_values]).flatten(0, 1).to(vae.device, vae.dtype)
+    chunks = x.split(chunk) if chunk else (x,)
+    latents = torch.cat([vae.encode(c).latent_dist.sample() for c in chunks]) * vae.config.scaling_factor
+    return latents[: b * f], latents[b * f:]
+
+
+def diffusion_inputs(noise_scheduler, latents, conditioning_latents, masks, noise, timesteps, num_frames):
+    """Noisy latents, per-frame timesteps and the 5-channel BrushNet condition.
+
+    latents, conditioning_latents, noise: (B*F, 4, h, w); masks: (B*F, 1, H, W), hole = 0, kept = 1;
+    timesteps: (B,), one per clip, shared by its frames.
+    """
+    latent_masks = F.interpolate(masks.to(latents.dtype), size=latents.shape[-2:])  # (B*F, 1, h, w)
+    brushnet_cond = torch.cat([conditioning_latents, latent_masks], dim=1)  # (B*F, 5, h, w)
+    frame_timesteps = timesteps.repeat_interleave(num_frames)  # (B*F,)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, frame_timesteps)
+    return noisy_latents, frame_timesteps, brushnet_cond
+
+
+def denoise(unet, brushnet, noisy_latents, frame_timesteps, encoder_hidden_states, brushnet_cond, num_frames):
+    """BrushNet residuals into the UNet; both UNet kinds take the same call. Returns (B*F, 4, h, w)."""
+    frozen = not is_trained(brushnet)
+    with torch.no_grad() if frozen else torch.enable_grad():
+        down, mid, up = brushnet(noisy_latents, frame_timesteps, encoder_hidden_states=encoder_hidden_states,
+                                 brushnet_cond=brushnet_cond, return_dict=False)
+    return unet(noisy_latents, frame_timesteps, encoder_hidden_states=encoder_hidden_states,
+                down_block_add_samples=down, mid_block_add_sample=mid, up_block_add_samples=up,
+                num_frames=num_frames, return_dict=False)[0]
+
+
+def diffusion_loss(unet, brushnet, noise_scheduler, latents, conditioning_latents, masks, text_embeds,
+                   noise, timesteps, num_frames):
+    """MSE between the UNet's prediction and the scheduler's target (epsilon or v)."""
+    noisy, frame_t, cond = diffusion_inputs(noise_scheduler, latents, conditioning_latents, masks, noise,
+                                            timesteps, num_frames)
+    encoder_hidden_states = text_embeds.repeat_interleave(num_frames, dim=0)  # (B*F, 77, D)
+    pred = denoise(unet, brushnet, noisy, frame_t, encoder_hidden_states, cond, num_frames)
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, frame_t)
+    else:
+        raise ValueError(f"unsupported prediction_type {kind!r} in the scheduler config")
+    return F.mse_loss(pred.float(), target.float())
+
+
+def training_step(batch, unet, brushnet, vae, embed_text, noise_scheduler, weight_dtype, vae_batch_size=0):
+    """Loss of one batch of clips (the same function the scripts and the bench use)."""
+    b, f = batch["pixel_values"].shape[:2]
+    latents, conditioning_latents = encode_latents(vae, batch["pixel_values"], batch["conditioning_pixel_values"],
+                                                   vae_batch_size)  # (B*F, 4, h, w) each
+    latents, conditioning_latents = latents.to(weight_dtype), conditioning_latents.to(weight_dtype)
+    masks = batch["masks"].flatten(0, 1).to(latents.device)  # (B*F, 1, H, W)
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=latents.device)
+    text_embeds = embed_text(batch["input_ids"])
+    return diffusion_loss(unet, brushnet, noise_scheduler, latents, conditioning_latents, masks, text_embeds,
+                          noise, timesteps, f)
+
+
+# ----------------------------------------------------------------------------- setup
+def make_accelerator(args):
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    report_to = None if args.report_to in (None, "none") else args.report_to
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    if args.seed is not None:
+        set_seed(args.seed + accelerator.process_index)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def weight_dtype_of(accelerator):
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def configure_models(args, unet, brushnet):
+    """Attention backend, gradient checkpointing and memory format for the trained nets."""
+    if args.enable_xformers_memory_efficient_attention:
+        try:
+            import xformers  # noqa: F401
+            for m in (unet, brushnet):
+                m.enable_xformers_memory_efficient_attention()
+        except ImportError:
+            logger.warning("xformers is not installed; using PyTorch SDPA attention (same memory, same speed)")
+    for m in (unet, brushnet):
+        if is_trained(m):
+            if args.gradient_checkpointing:
+                m.enable_gradient_checkpointing()
+            if args.channels_last:
+                m.to(memory_format=torch.channels_last)
+            m.train()
+        else:
+            m.eval()
+
+
+def make_optimizer(args, params, accelerator):
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise SystemExit("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)") from e
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    fused = bool(args.fused_adam) and accelerator.device.type == "cuda"
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+
+def make_dataloader(args, tokenizer):
+    from dataset.finetune_dataset import FinetuneDataset
+
+    dataset = FinetuneDataset(args, tokenizer)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
+        num_workers=args.dataloader_num_workers, persistent_workers=args.dataloader_num_workers > 0,
+        pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker)
+
+
+def seed_worker(worker_id):
+    """Different mask streams per worker (the mask generator uses the global RNGs)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write(f"signal {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
+
+    def agreed(self, accelerator):
+        """True on every process if any process was asked to stop."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def save_run_info(args, unet, brushnet):
+    """Model configs and arguments beside the checkpoints, so converters need no other paths."""
+    for name, model in (("unet_main", unet), ("brushnet", brushnet)):
+        model.save_config(os.path.join(args.output_dir, "model_config", name))
+    with open(os.path.join(args.output_dir, "run_info.json"), "w") as f:
+        json.dump({k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+                  f, indent=1)
+
+
+def save_final_models(accelerator, unet, brushnet, output_dir):
+    """Ready-to-use `unet_main/` and `brushnet/` folders (and `motion_modules/` for a motion UNet)."""
+    unet, brushnet = accelerator.unwrap_model(unet), accelerator.unwrap_model(brushnet)
+    unet.save_pretrained(os.path.join(output_dir, "unet_main"))
+    brushnet.save_pretrained(os.path.join(output_dir, "brushnet"))
+    if hasattr(unet, "save_motion_modules"):
+        unet.save_motion_modules(os.path.join(output_dir, "motion_modules"))
+    tqdm.write(f"final weights: {output_dir}/unet_main, {output_dir}/brushnet")
+
+
+class Validator:
+    """Runs the stage's sampler on the validation clips and writes GIFs; never stops training."""
+
+    def __init__(self, args, stage):
+        from diffueraser.validation import load_validation_clip, parse_path_list
+
+        self.args, self.stage, self.clips = args, stage, []
+        images = parse_path_list(args.validation_image) if args.validation_image else []
+        masks = parse_path_list(args.validation_mask) if args.validation_mask else []
+        if len(images) != len(masks):
+            logger.warning(f"--validation_image has {len(images)} entries, --validation_mask {len(masks)}: "
+                           "validation is off")
+            return
+        for image_dir, mask_dir in zip(images, masks):
+            try:
+                frames, hole_masks = load_validation_clip(image_dir, mask_dir, args.num_validation_frames,
+                                                          args.resolution)
+                self.clips.append(dict(name=os.path.basename(os.path.normpath(image_dir)),
+                                       frames=frames, masks=hole_masks))
+            except Exception as e:  # a bad path costs the preview, not the run
+                logger.warning(f"validation clip {image_dir}: {e}; skipped")
+
+    def __call__(self, accelerator, models, step):
+        if not self.clips or self.stage.pipeline_cls is None:
+            return
+        from diffueraser.validation import run_validation
+
+        unet, brushnet, vae, text_encoder, tokenizer, scheduler = models
+        unet, brushnet = accelerator.unwrap_model(unet), accelerator.unwrap_model(brushnet)
+        modes = [(m, m.training) for m in (unet, brushnet)]
+        try:
+            pipe = self.stage.pipeline_cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                           brushnet=brushnet, scheduler=scheduler)
+            prompts = _prompts(self.args.validation_prompt, len(self.clips))
+            clips = [dict(c, prompt=p) for c, p in zip(self.clips, prompts)]
+            out_dir = os.path.join(self.args.output_dir, self.args.logging_dir, "samples")
+            with torch.autocast(accelerator.device.type, dtype=weight_dtype_of(accelerator),
+                                enabled=accelerator.mixed_precision in ("fp16", "bf16")):
+                run_validation(pipe, clips, out_dir, step, seed=self.args.seed or 0, trackers=accelerator.trackers,
+                               num_inference_steps=self.args.validation_inference_steps)
+        except Exception as e:
+            logger.error(f"validation at step {step} failed: {type(e).__name__}: {e}; training goes on")
+        finally:
+            for m, was_training in modes:
+                m.train(was_training)
+
+
+def _prompts(spec, n):
+    from diffueraser.validation import parse_path_list
+
+    prompts = parse_path_list(spec) if spec else []
+    return (prompts + [prompts[-1] if prompts else "clean background"] * n)[:n]
+
+
+# ----------------------------------------------------------------------------- the loop
+def prepare(accelerator, args, stage, tokenizer):
+    """Models, optimizer, data and LR schedule, with only the trained nets handed to accelerate."""
+    from diffusers.optimization import get_scheduler
+
+    unet, brushnet = stage.build_models(args)
+    configure_models(args, unet, brushnet)
+    if accelerator.is_main_process:
+        save_run_info(args, unet, brushnet)
+    trained = [m for m in (unet, brushnet) if is_trained(m)]
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    optimizer = make_optimizer(args, params, accelerator)
+    dataloader = make_dataloader(args, tokenizer)
+    weight_dtype = weight_dtype_of(accelerator)
+    for m in (unet, brushnet):  # frozen nets: half precision, no gradients, never wrapped
+        if not is_trained(m):
+            m.to(accelerator.device, dtype=weight_dtype)
+    *trained, optimizer, dataloader = accelerator.prepare(*trained, optimizer, dataloader)
+    unet, brushnet = [trained.pop(0) if is_trained(m) else m for m in (unet, brushnet)]
+    # Epochs are counted after prepare() split the data between processes.
+    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    lr_scheduler = accelerator.prepare(get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes, num_cycles=args.lr_num_cycles,
+        power=args.lr_power))
+    if args.compile:
+        unet, brushnet = (torch.compile(m) if is_trained(m) else m for m in (unet, brushnet))
+    return unet, brushnet, optimizer, dataloader, lr_scheduler, steps_per_epoch, params
+
+
+def resume(accelerator, args):
+    """Restore the state named by --resume_from_checkpoint; returns the step to continue from."""
+    if not args.resume_from_checkpoint:
+        return 0
+    path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if path is None:
+        accelerator.print(f"no checkpoint in {args.output_dir} yet: starting from step 0")
+        return 0
+    accelerator.print(f"resuming from {path}")
+    accelerator.load_state(path)
+    return checkpoint_step(path)
+
+
+def update(accelerator, args, state, loss, params, optimizer, lr_scheduler):
+    """Clip, step and zero the gradients of one micro-batch; True once a whole update was made.
+
+    The loss is averaged over processes (for logging and the finiteness check, so every process
+    takes the same decision). A non-finite loss anywhere in the accumulation window skips the
+    update; `--max_bad_steps` of them in a row stop the run.
+    """
+    mean_loss = accelerator.gather(loss.detach()[None]).mean()
+    state["window_losses"].append(mean_loss)
+    state["window_ok"] = state["window_ok"] and bool(torch.isfinite(mean_loss))
+    if state["window_ok"]:
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not accelerator.sync_gradients:
+        return False
+    ok, losses = state["window_ok"], state["window_losses"]
+    state.update(window_ok=True, window_losses=[])
+    if not ok:
+        state["bad_steps"] += 1
+        logger.warning(f"step {state['step']}: non-finite loss; update skipped")
+        if state["bad_steps"] >= args.max_bad_steps:
+            raise SystemExit(f"{state['bad_steps']} non-finite losses in a row at step {state['step']}: lower "
+                             "--learning_rate, try --mixed_precision bf16 or no, or resume from an earlier checkpoint")
+        return False
+    state.update(bad_steps=0, step=state["step"] + 1, loss=torch.stack(losses).mean().item())
+    return True
+
+
+def train(args, stage):
+    """Run a stage from parsed and checked arguments."""
+    accelerator = make_accelerator(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    tokenizer, text_encoder, vae, noise_scheduler = load_frozen_models(args)
+    weight_dtype = weight_dtype_of(accelerator)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    unet, brushnet, optimizer, dataloader, lr_scheduler, steps_per_epoch, params = prepare(
+        accelerator, args, stage, tokenizer)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name,
+                                  config={k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool))})
+    global_step = resume(accelerator, args)
+    validate = Validator(args, stage) if accelerator.is_main_process else None
+    embed_text = TextEmbedder(text_encoder)
+    stop = StopRequest()
+    accelerator.print(f"{stage.name}: {sum(p.numel() for p in params) / 1e6:.1f} M trainable parameters, "
+                      f"{len(dataloader.dataset)} clips, {steps_per_epoch} steps/epoch, "
+                      f"{args.max_train_steps} steps, {accelerator.num_processes} process(es)")
+    progress = tqdm(total=args.max_train_steps, initial=global_step, desc=stage.name,
+                    disable=not accelerator.is_local_main_process)
+    models = (unet, brushnet, vae, text_encoder, tokenizer, noise_scheduler)
+    if validate and global_step == 0:
+        validate(accelerator, models, 0)
+    state = dict(step=global_step, bad_steps=0, window_ok=True, window_losses=[])
+    first_epoch = global_step // steps_per_epoch
+    skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    trained = [m for m in (unet, brushnet) if is_trained(m)]
+    for epoch in range(first_epoch, args.num_train_epochs):
+        if state["step"] >= args.max_train_steps:
+            break
+        if hasattr(dataloader, "set_epoch"):
+            dataloader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        skip = 0
+        for batch in batches:
+            with accelerator.accumulate(*trained):
+                loss = training_step(batch, unet, brushnet, vae, embed_text, noise_scheduler, weight_dtype,
+                                     args.vae_batch_size)
+                accelerator.backward(loss)
+                if not update(accelerator, args, state, loss, params, optimizer, lr_scheduler):
+                    continue
+            progress.update(1)
+            logs = {"loss": state["loss"], "lr": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=state["step"])
+            stopping = stop.agreed(accelerator)
+            if state["step"] % args.checkpointing_steps == 0 or stopping:
+                path = save_checkpoint(accelerator, args.output_dir, state["step"], args.checkpoints_total_limit)
+                accelerator.print(f"saved {path}")
+            if validate and state["step"] % args.validation_steps == 0:
+                validate(accelerator, models, state["step"])
+            if stopping:
+                progress.close()
+                accelerator.end_training()
+                accelerator.print(f"stopped at step {state['step']}; resume with --resume_from_checkpoint latest")
+                return state["step"]
+            if state["step"] >= args.max_train_steps:
+                break
+    global_step = state["step"]
+    progress.close()
+    accelerator.wait_for_everyone()
+    if global_step % args.checkpointing_steps:
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+    if accelerator.is_main_process:
+        save_final_models(accelerator, unet, brushnet, args.output_dir)
+    accelerator.end_training()
+    return global_step

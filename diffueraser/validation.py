@@ -1,0 +1,170 @@
+"""Validation during training: load DAVIS-style clips, inpaint them, save GIFs, log to trackers.
+
+Conventions: frames uint8 (F, R, R, 3); masks float32 (F, R, R) with hole = 0, kept = 1.
+A GIF frame is [masked input | result | ground truth] side by side, the hole shown in grey.
+"""
+import ast
+import os
+import warnings
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+FRAME_EXTS = (".jpg", ".jpeg", ".png")
+LOGGED_FRAMES = 4  # strips sent to the trackers per clip; the GIF on disk has every frame
+
+
+def parse_path_list(value):
+    """Paths as list[str] from "['a/bear', 'b/boat']" (the original scripts' form), a plain path or a list."""
+    if isinstance(value, (list, tuple)):
+        paths = list(value)
+    elif isinstance(value, str) and value.strip().startswith("["):
+        try:
+            paths = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError) as err:
+            raise ValueError(f"not a Python list of paths: {value!r}") from err
+    elif isinstance(value, str):
+        paths = [value] if value.strip() else []
+    else:
+        raise TypeError(f"expected a path, a list of paths or a list literal, got {type(value).__name__}")
+    if not all(isinstance(p, str) for p in paths):
+        raise ValueError(f"every path must be a string: {value!r}")
+    return [str(p) for p in paths]
+
+
+def list_images(path, exts=FRAME_EXTS):
+    """Sorted image files in folder `path` (or [path] for a file); FileNotFoundError naming it if none."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(exts))
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(exts)} images in {path}")
+    return files
+
+
+def read_hole(path, size, dilate):
+    """Boolean hole (H, W) from a DAVIS annotation: any non-zero label (palette index) is hole.
+
+    The hole is resized (nearest) to size=(W, H) when needed, then dilated with a 3x3 square kernel
+    `dilate` times, as inference dilates masks to cover object borders.
+    """
+    mask = Image.open(path)
+    if mask.mode not in ("P", "L"):  # RGB(A) annotations: any non-black pixel is hole
+        mask = mask.convert("L")
+    if mask.size != size:
+        mask = mask.resize(size, Image.NEAREST)
+    hole = (np.asarray(mask) > 0).astype(np.uint8)
+    if dilate > 0:
+        hole = cv2.dilate(hole, np.ones((3, 3), np.uint8), iterations=dilate)
+    return hole.astype(bool)
+
+
+def resize_center_crop(image, resolution, resample):
+    """Resize a PIL image so its short side is `resolution`, then centre-crop a square of that side."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((new_w, new_h), resample)
+    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def load_validation_clip(image_dir, mask_dir, num_frames, resolution, dilate=4):
+    """Load the first `num_frames` frames of a clip and their masks, resized and centre-cropped.
+
+    image_dir: folder of .jpg/.png frames (sorted by name). mask_dir: folder of annotation PNGs
+    matched to frames by sorted position (the last mask repeats when there are fewer; one PNG serves
+    every frame), or a single PNG. Fewer frames than num_frames: all that exist.
+    dilate: 3x3 dilation iterations on the hole, at the original resolution (0 = none).
+    Returns frames uint8 (F, R, R, 3) and masks float32 (F, R, R), hole = 0, kept = 1.
+    """
+    frame_files = list_images(image_dir)[:max(1, num_frames)]
+    mask_files = list_images(mask_dir, exts=(".png",))
+    frames, masks = [], []
+    for i, frame_file in enumerate(frame_files):
+        frame = Image.open(frame_file).convert("RGB")
+        hole = read_hole(mask_files[min(i, len(mask_files) - 1)], frame.size, dilate)
+        kept = Image.fromarray(np.where(hole, 0, 255).astype(np.uint8))
+        frames.append(np.asarray(resize_center_crop(frame, resolution, Image.BILINEAR)))
+        masks.append(np.asarray(resize_center_crop(kept, resolution, Image.NEAREST)) / 255.0)
+    return np.stack(frames).astype(np.uint8), np.stack(masks).astype(np.float32)
+
+
+def make_strips(frames, masks, result):
+    """Per-frame [masked input | result | ground truth] images: uint8 (F, H, 3W, 3), hole in grey."""
+    kept = (np.asarray(masks, np.float32) > 0.5)[..., None]
+    masked = np.where(kept, frames, 128).astype(np.uint8)
+    return np.concatenate([masked, result, frames], axis=2)
+
+
+def save_gif(path, frames_rows, duration=100):
+    """Write uint8 images (F, H, W, 3) as a GIF looping forever, `duration` ms a frame; returns path.
+
+    PIL merges identical consecutive frames into one longer frame.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    images = [Image.fromarray(np.asarray(row, np.uint8)) for row in frames_rows]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=duration, loop=0)
+    return path
+
+
+def log_to_trackers(trackers, name, strips, step):
+    """Send the first LOGGED_FRAMES strips to tensorboard / wandb trackers; failures only warn."""
+    for tracker in trackers or []:
+        try:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images(f"validation/{name}", np.stack(strips[:LOGGED_FRAMES]), step,
+                                          dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                images = [wandb.Image(s, caption=f"{name} frame {i}") for i, s in enumerate(strips[:LOGGED_FRAMES])]
+                tracker.log({f"validation/{name}": images}, step=step)
+        except Exception as err:  # logging must never stop training
+            warnings.warn(f"validation: logging {name} to {tracker.name} failed: {err!r}")
+
+
+def run_validation(pipeline, clips, out_dir, step, seed, trackers=None, num_inference_steps=20, **pipeline_kwargs):
+    """Inpaint each clip, write out_dir/sample-<step>/<name>.gif and log it; returns [(name, gif_path, strips)].
+
+    clips: dicts with "name", "frames" uint8 (F, R, R, 3), "masks" (F, R, R), hole = 0, and optionally
+    "prompt". Each clip uses its own torch.Generator seeded with `seed` (the global RNG is untouched),
+    so a clip looks the same at every step but for what training changed. UNet and BrushNet run in
+    eval mode and get their modes back. pipeline_kwargs go to the pipeline (prompt, guidance_scale,
+    conditioning_scale, ...). strips: uint8 (F, R, 3R, 3).
+    """
+    if not clips:
+        raise ValueError("run_validation: no validation clips")
+    for i, clip in enumerate(clips):
+        missing = {"name", "frames", "masks"} - set(clip)
+        if missing:
+            raise KeyError(f"run_validation: clip {i} lacks {sorted(missing)}")
+    pipeline.set_progress_bar_config(disable=True)  # training owns the one progress bar
+    modes = [(m, m.training) for m in (pipeline.unet, pipeline.brushnet)]
+    try:
+        for m, _ in modes:
+            m.eval()
+        return [validate_clip(pipeline, clip, out_dir, step, seed, trackers, num_inference_steps, pipeline_kwargs)
+                for clip in clips]
+    finally:
+        for m, was_training in modes:
+            m.train(was_training)
+
+
+def validate_clip(pipeline, clip, out_dir, step, seed, trackers, num_inference_steps, pipeline_kwargs):
+    """run_validation for one clip; returns (name, gif_path, strips)."""
+    name = str(clip["name"]).replace(os.sep, "_")
+    if "prompt" in clip:
+        pipeline_kwargs = dict(pipeline_kwargs, prompt=clip["prompt"])
+    generator = torch.Generator().manual_seed(seed)
+    result = pipeline(clip["frames"], clip["masks"], num_inference_steps=num_inference_steps,
+                      generator=generator, **pipeline_kwargs)
+    strips = make_strips(clip["frames"], clip["masks"], result)
+    gif_path = save_gif(os.path.join(out_dir, f"sample-{step}", f"{name}.gif"), strips)
+    log_to_trackers(trackers, name, strips, step)
+    return name, gif_path, strips
+

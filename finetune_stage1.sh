@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Stage 1 of DiffuEraser finetuning: UNet + BrushNet, 10 frames at 512.
+# Every path can be set from the environment, e.g.  WEIGHTS=/data/weights DAVIS=/data/DAVIS bash finetune_stage1.sh
+# Extra arguments are passed to the training script, e.g.  bash finetune_stage1.sh --max_train_steps 100
+set -euo pipefail
+cd "$(dirname "$0")"
+WEIGHTS=${WEIGHTS:-weights}
+BASE_MODEL=${BASE_MODEL:-$WEIGHTS/stable-diffusion-v1-5}
+VAE=${VAE:-$WEIGHTS/sd-vae-ft-mse}
+DAVIS=${DAVIS:-data/DAVIS}
+YTBV=${YTBV:-data/YTBV}
+OUTPUT_DIR=${OUTPUT_DIR:-finetune-stage1}
+PRETRAINED_STAGE1=${PRETRAINED_STAGE1:-}        # e.g. $WEIGHTS/diffuEraser to start from the released weights
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}        # e.g. configs/accelerate_2gpu.yaml
+VAL_IMAGES=${VAL_IMAGES:-"['$DAVIS/JPEGImages/480p/bear', '$DAVIS/JPEGImages/480p/boat']"}
+VAL_MASKS=${VAL_MASKS:-"['$DAVIS/Annotations/480p/bear', '$DAVIS/Annotations/480p/boat']"}
+
+for p in "$BASE_MODEL" "$VAE" "$DAVIS" "$YTBV" ${PRETRAINED_STAGE1:+"$PRETRAINED_STAGE1"} ${ACCELERATE_CONFIG:+"$ACCELERATE_CONFIG"}; do
+  [ -e "$p" ] || { echo "missing: $p (set WEIGHTS, BASE_MODEL, VAE, DAVIS, YTBV, PRETRAINED_STAGE1 or ACCELERATE_CONFIG)" >&2; exit 1; }
+done
+mkdir -p "$OUTPUT_DIR"
+LOG="$OUTPUT_DIR/train_stage1.log"
+echo "logging to $LOG"
+
+accelerate launch ${ACCELERATE_CONFIG:+--config_file "$ACCELERATE_CONFIG"} --mixed_precision fp16 \
+  train_DiffuEraser_stage1.py \
+  --base_model_name_or_path "$BASE_MODEL" \
+  --vae_path "$VAE" \
+  ${PRETRAINED_STAGE1:+--pretrained_stage1_path "$PRETRAINED_STAGE1"} \
+  --davis_root "$DAVIS" \
+  --ytvos_root "$YTBV" \
+  --output_dir "$OUTPUT_DIR" \
+  --mixed_precision fp16 \
+  --resolution 512 \
+  --nframes 10 \
+  --learning_rate 5e-06 \
+  --train_batch_size 1 \
+  --dataloader_num_workers 4 \
+  --checkpointing_steps 2000 \
+  --checkpoints_total_limit 5 \
+  --validation_steps 2000 \
+  --validation_prompt "['clean background', 'clean background']" \
+  --validation_image "$VAL_IMAGES" \
+  --validation_mask "$VAL_MASKS" \
+  --max_train_steps 50000 \
+  --seed 42 \
+  --resume_from_checkpoint latest \
+  --report_to tensorboard \
+  "$@" 2>&1 | tee -a "$LOG"

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Stage 2 of DiffuEraser finetuning: motion modules only, 22 frames at 512.
+# Needs the converted stage-1 weights (python save_checkpoint_stage1.py).
+# Every path can be set from the environment, e.g.  STAGE1=/data/stage1 bash finetune_stage2.sh
+# MOTION_ADAPTER may name a released DiffuEraser stage-2 unet_main/ to start from its motion modules.
+set -euo pipefail
+cd "$(dirname "$0")"
+WEIGHTS=${WEIGHTS:-weights}
+BASE_MODEL=${BASE_MODEL:-$WEIGHTS/stable-diffusion-v1-5}
+VAE=${VAE:-$WEIGHTS/sd-vae-ft-mse}
+MOTION_ADAPTER=${MOTION_ADAPTER:-$WEIGHTS/animatediff-motion-adapter-v1-5-2}
+STAGE1=${STAGE1:-converted_weights/diffuEraser-model-stage1}
+DAVIS=${DAVIS:-data/DAVIS}
+YTBV=${YTBV:-data/YTBV}
+OUTPUT_DIR=${OUTPUT_DIR:-finetune-stage2}
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}
+VAL_IMAGES=${VAL_IMAGES:-"['$DAVIS/JPEGImages/480p/bear', '$DAVIS/JPEGImages/480p/boat']"}
+VAL_MASKS=${VAL_MASKS:-"['$DAVIS/Annotations/480p/bear', '$DAVIS/Annotations/480p/boat']"}
+
+for p in "$BASE_MODEL" "$VAE" "$MOTION_ADAPTER" "$STAGE1" "$DAVIS" "$YTBV" ${ACCELERATE_CONFIG:+"$ACCELERATE_CONFIG"}; do
+  [ -e "$p" ] || { echo "missing: $p (set WEIGHTS, BASE_MODEL, VAE, MOTION_ADAPTER, STAGE1, DAVIS, YTBV or ACCELERATE_CONFIG)" >&2; exit 1; }
+done
+mkdir -p "$OUTPUT_DIR"
+LOG="$OUTPUT_DIR/train_stage2.log"
+echo "logging to $LOG"
+
+accelerate launch ${ACCELERATE_CONFIG:+--config_file "$ACCELERATE_CONFIG"} --mixed_precision fp16 \
+  train_DiffuEraser_stage2.py \
+  --base_model_name_or_path "$BASE_MODEL" \
+  --vae_path "$VAE" \
+  --pretrained_stage1 "$STAGE1" \
+  --motion_adapter_path "$MOTION_ADAPTER" \
+  --davis_root "$DAVIS" \
+  --ytvos_root "$YTBV" \
+  --output_dir "$OUTPUT_DIR" \
+  --mixed_precision fp16 \
+  --resolution 512 \
+  --nframes 22 \
+  --learning_rate 5e-06 \
+  --train_batch_size 1 \
+  --dataloader_num_workers 4 \
+  --checkpointing_steps 2000 \
+  --checkpoints_total_limit 5 \
+  --validation_steps 2000 \
+  --validation_prompt "['clean background', 'clean background']" \
+  --validation_image "$VAL_IMAGES" \
+  --validation_mask "$VAL_MASKS" \
+  --max_train_steps 50000 \
+  --seed 42 \
+  --resume_from_checkpoint latest \
+  --report_to tensorboard \
+  "$@" 2>&1 | tee -a "$LOG"

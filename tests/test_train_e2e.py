@@ -1,0 +1,194 @@
+"""End to end on tiny random models and a synthetic dataset: the real entry scripts in subprocesses."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffueraser.checkpoints import find_latest_checkpoint, list_checkpoints
+from diffueraser.tiny import write_synthetic_davis, write_synthetic_ytvos, write_tiny_motion_adapter, write_tiny_sd
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    write_tiny_sd(str(root / "sd"))
+    write_tiny_motion_adapter(str(root / "adapter"))
+    write_synthetic_davis(str(root / "DAVIS"))
+    write_synthetic_ytvos(str(root / "YTVOS"))
+    return root
+
+
+def flags(assets, out, steps, nframes=2, **extra):
+    davis = assets / "DAVIS"
+    args = {"base_model_name_or_path": assets / "sd", "davis_root": davis, "ytvos_root": assets / "YTVOS",
+            "output_dir": out, "resolution": 64, "nframes": nframes, "max_train_steps": steps,
+            "checkpointing_steps": 2, "learning_rate": 1e-4, "lr_warmup_steps": 0, "seed": 0, "report_to": "none",
+            "validation_steps": 1000, "validation_inference_steps": 1}
+    args.update(extra)
+    out = []
+    for k, v in args.items():
+        out += [f"--{k}"] if v is True else [f"--{k}", str(v)]
+    return out
+
+
+def run(script, args, check=True, **kw):
+    proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True, text=True, **kw)
+    if check and proc.returncode:
+        raise AssertionError(f"{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def stage1_run(assets, tmp_path_factory):
+    """A stage-1 run killed by SIGTERM after its first checkpoint, then resumed to the end."""
+    out = tmp_path_factory.mktemp("stage1")
+    cmd = [sys.executable, "train_DiffuEraser_stage1.py",
+           *flags(assets, out, 8, checkpointing_steps=2, resume_from_checkpoint="latest")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list_checkpoints(str(out)) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    first_log = proc.communicate(timeout=300)[0]
+    first = list_checkpoints(str(out))
+    (out / "checkpoint-1000.partial").mkdir()          # a save cut short: never "latest"
+    (out / "checkpoint-999").mkdir()                   # a folder without model files: never "latest"
+    resumed = run("train_DiffuEraser_stage1.py", cmd[2:])
+    return dict(out=out, first_code=proc.returncode, first_log=first_log, first=first,
+                resumed_log=resumed.stdout + resumed.stderr)
+
+
+def test_sigterm_saves_and_resume_finishes(stage1_run):
+    out = stage1_run["out"]
+    assert stage1_run["first_code"] == 0, stage1_run["first_log"][-3000:]
+    stopped_at = stage1_run["first"][-1][0]
+    assert 2 <= stopped_at < 8, stage1_run["first_log"][-3000:]
+    assert "resuming from" in stage1_run["resumed_log"] and f"checkpoint-{stopped_at}" in stage1_run["resumed_log"]
+    assert list_checkpoints(str(out))[-1][0] == 8
+    assert find_latest_checkpoint(str(out)).endswith("checkpoint-8")
+    for name in ("unet_main", "brushnet"):
+        assert (out / name / "config.json").is_file()
+        assert (out / name / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_converter_stage1(stage1_run, tmp_path):
+    from libs.brushnet_CA import BrushNetModel
+    from libs.unet_2d_condition import UNet2DConditionModel
+
+    out = stage1_run["out"]
+    dest = tmp_path / "converted"
+    run("save_checkpoint_stage1.py", ["--input_dir", out / "latest", "--output_dir", dest])
+    ckpt = out / "checkpoint-8"
+    for name, file, cls in (("unet_main", "model.safetensors", UNet2DConditionModel),
+                            ("brushnet", "model_1.safetensors", BrushNetModel)):
+        saved = load_file(str(dest / name / "diffusion_pytorch_model.safetensors"))
+        expected = load_file(str(ckpt / file))
+        assert saved.keys() == expected.keys()
+        assert all(torch.equal(saved[k], expected[k]) for k in saved)
+        final = load_file(str(out / name / "diffusion_pytorch_model.safetensors"))
+        assert all(torch.equal(saved[k], final[k]) for k in saved)  # final folders = last checkpoint
+        cls.from_pretrained(str(dest / name))
+    again = run("save_checkpoint_stage1.py", ["--input_dir", out, "--output_dir", dest], check=False)
+    assert again.returncode != 0 and "--force" in again.stderr
+    run("save_checkpoint_stage1.py", ["--input_dir", out, "--output_dir", dest, "--force"])
+
+
+def test_converter_rejects_foreign_tensor(stage1_run, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "run" / "checkpoint-1"
+    shutil.copytree(stage1_run["out"] / "checkpoint-8", ckpt)
+    shutil.copytree(stage1_run["out"] / "model_config", tmp_path / "run" / "model_config")
+    state = load_file(str(ckpt / "model.safetensors"))
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, str(ckpt / "model.safetensors"))
+    proc = run("save_checkpoint_stage1.py", ["--input_dir", ckpt, "--output_dir", tmp_path / "x"], check=False)
+    assert proc.returncode != 0 and "extra.weight" in proc.stderr
+
+
+@pytest.fixture(scope="session")
+def stage2_run(assets, stage1_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage2")
+    davis = assets / "DAVIS"
+    run("train_DiffuEraser_stage2.py", [
+        *flags(assets, out, 2, nframes=4, validation_steps=2,
+               validation_image=str([str(davis / "JPEGImages/480p/bear"), "/no/such/clip"]),
+               validation_mask=str([str(davis / "Annotations/480p/bear"), "/no/such/mask"])),
+        "--pretrained_stage1", stage1_run["out"], "--motion_adapter_path", assets / "adapter"])
+    return out
+
+
+def test_stage2_trains_motion_modules_only(stage1_run, stage2_run):
+    stage1, out = stage1_run["out"], stage2_run
+    before = load_file(str(stage1 / "unet_main" / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(out / "unet_main" / "diffusion_pytorch_model.safetensors"))
+    motion = [k for k in after if ".motion_modules." in k]
+    spatial = [k for k in after if ".motion_modules." not in k]
+    assert sorted(spatial) == sorted(before)
+    assert all(torch.equal(after[k], before[k]) for k in spatial)
+    assert motion
+    b_before = load_file(str(stage1 / "brushnet" / "diffusion_pytorch_model.safetensors"))
+    b_after = load_file(str(out / "brushnet" / "diffusion_pytorch_model.safetensors"))
+    assert b_before.keys() == b_after.keys() and all(torch.equal(b_before[k], b_after[k]) for k in b_before)
+
+
+def test_stage2_motion_modules_changed(assets, stage2_run):
+    initial = load_file(str(assets / "adapter" / "diffusion_pytorch_model.safetensors"))
+    trained = load_file(str(stage2_run / "motion_modules" / "diffusion_pytorch_model.safetensors"))
+    assert initial.keys() == trained.keys()
+    changed = [k for k in initial if not torch.equal(initial[k], trained[k])]
+    assert len(changed) > len(initial) // 2
+
+
+def test_validation_gif_and_bad_clip(stage2_run):
+    from PIL import Image
+
+    gifs = sorted((stage2_run / "logs" / "samples").glob("sample-*/*.gif"))
+    assert {g.parent.name for g in gifs} == {"sample-0", "sample-2"}   # first step and every validation_steps
+    assert {g.stem for g in gifs} == {"bear"}                           # the bad clip was skipped, not fatal
+    with Image.open(gifs[0]) as im:
+        assert im.n_frames == 4 and im.size == (3 * 64, 64)
+
+
+def test_converter_stage2(stage1_run, stage2_run, tmp_path):
+    from libs.brushnet_CA import BrushNetModel
+    from libs.unet_motion_model import UNetMotionModel
+
+    dest = tmp_path / "converted2"
+    run("save_checkpoint_stage2.py", ["--input_dir", stage2_run, "--output_dir", dest])
+    unet = UNetMotionModel.from_pretrained(str(dest / "unet_main"))
+    BrushNetModel.from_pretrained(str(dest / "brushnet"))
+    saved = load_file(str(dest / "unet_main" / "diffusion_pytorch_model.safetensors"))
+    ckpt = load_file(str(stage2_run / "checkpoint-2" / "model.safetensors"))
+    assert saved.keys() == ckpt.keys() and all(torch.equal(saved[k], ckpt[k]) for k in saved)
+    assert sum(p.numel() for p in unet.parameters()) > 0
+
+
+@pytest.mark.parametrize("extra", [
+    {"train_batch_size": 2, "gradient_accumulation_steps": 2, "mixed_precision": "no"},
+    {"mixed_precision": "bf16", "gradient_checkpointing": True},
+])
+def test_batch_accumulation_and_precision(assets, tmp_path, extra):
+    proc = run("train_DiffuEraser_stage1.py", flags(assets, tmp_path, 2, **extra))
+    assert list_checkpoints(str(tmp_path))[-1][0] == 2
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert all(info[k] == v for k, v in extra.items()), proc.stdout
+
+
+def test_bad_paths_are_named(assets, tmp_path):
+    proc = run("train_DiffuEraser_stage1.py", flags(assets, tmp_path, 1, davis_root="/no/davis"), check=False)
+    assert proc.returncode != 0 and "--davis_root: /no/davis" in proc.stderr
+    proc = run("train_DiffuEraser_stage2.py", [*flags(assets, tmp_path, 1), "--pretrained_stage1", tmp_path,
+                                               "--motion_adapter_path", assets / "adapter"], check=False)
+    assert proc.returncode != 0 and "--pretrained_stage1" in proc.stderr
