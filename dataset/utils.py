@@ -85,20 +85,22 @@ def as_draws(rng):
     return GeneratorDraws(np.random.default_rng(rng))
 
 
+_T = np.linspace(0, 1, SAMPLES_PER_SEGMENT, endpoint=False)[:, None]
+BEZIER_BASIS = np.concatenate([(1 - _T) ** 3, 3 * (1 - _T) ** 2 * _T, 3 * (1 - _T) * _T ** 2, _T ** 3], 1)
+
+
 def bezier_outline(edge_num, ratio, draws):
     """Closed outline of `edge_num` cubic Bezier segments through 3*edge_num+1 control points
     on the unit circle (equal angles, first = last) with radii in [1-ratio, 1+ratio).
 
-    Returns (outline (N, 2) float64 in (x, y) data units, control points (3*edge_num+1, 2))."""
+    Returns (outline (edge_num*SAMPLES_PER_SEGMENT, 2) in (x, y) data units, control points)."""
     n = 3 * edge_num + 1
     angles = np.linspace(0, 2 * np.pi, n)
     radii = 1 - ratio + 2 * ratio * draws.unit(n)
     ctrl = np.stack([np.cos(angles), np.sin(angles)], 1) * radii[:, None]
     ctrl[-1] = ctrl[0]
-    t = np.linspace(0, 1, SAMPLES_PER_SEGMENT, endpoint=False)[:, None]
-    basis = np.concatenate([(1 - t) ** 3, 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t ** 2, t ** 3], 1)  # (S, 4)
-    segments = np.stack([ctrl[3 * k:3 * k + 4] for k in range(edge_num)])  # (edge_num, 4, 2)
-    outline = np.einsum("sc,eci->esi", basis, segments).reshape(-1, 2)
+    segments = np.lib.stride_tricks.sliding_window_view(ctrl, 4, axis=0)[::3]  # (edge_num, 2, 4)
+    outline = np.einsum("sc,eic->esi", BEZIER_BASIS, segments).reshape(-1, 2)
     return outline, ctrl
 
 
@@ -106,35 +108,35 @@ def inside_corners(poly, x0, y0, width, height):
     """Even-odd inside test of a closed polygon at the integer points x0..x0+width-1,
     y0..y0+height-1 (canvas coordinates; pixel (r, c) spans [c, c+1] x [r, r+1]).
 
-    Scanline crossings plus a running sum: exact for the polygon, vectorised. Returns bool
-    (height, width)."""
-    a, b = poly, np.roll(poly, -1, axis=0)
+    Exact for the polygon and vectorised: the outline's crossings with each row, sorted, are
+    the boundaries of alternating outside/inside runs, expanded with one `np.repeat`.
+    Returns uint8 (height, width), 255 = inside."""
+    a, b = poly, np.concatenate([poly[1:], poly[:1]])
     lo, hi = np.minimum(a[:, 1], b[:, 1]), np.maximum(a[:, 1], b[:, 1])
-    first = np.ceil(lo).astype(np.int64)  # rows with lo <= y < hi cross the edge
-    last = np.ceil(hi).astype(np.int64) - 1
-    count = np.maximum(last - first + 1, 0)
+    first = np.ceil(lo).astype(np.int64)  # rows y with lo <= y < hi cross the edge
+    count = np.maximum(np.ceil(hi).astype(np.int64) - first, 0)
     edge = np.repeat(np.arange(len(a)), count)
-    rows = first[edge] + (np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count))
-    ta = (rows - a[edge, 1]) / (b[edge, 1] - a[edge, 1])
-    xs = a[edge, 0] + ta * (b[edge, 0] - a[edge, 0])
-    # a crossing at x toggles every point with integer column >= ceil(x)
+    rows = first[edge] + (np.arange(len(edge)) - np.repeat(np.cumsum(count) - count, count))
+    frac = (rows - a[edge, 1]) / (b[edge, 1] - a[edge, 1])
+    xs = a[edge, 0] + frac * (b[edge, 0] - a[edge, 0])
+    # a crossing at x flips every point of its row with column >= ceil(x); each row has an
+    # even number of crossings, so runs alternate across the flattened (height, width+1) grid
     cols = np.clip(np.ceil(xs).astype(np.int64) - x0, 0, width)
-    toggles = np.zeros((height, width + 1), np.int32)
-    np.add.at(toggles, (rows - y0, cols), 1)
-    return (np.cumsum(toggles[:, :width], axis=1) & 1).astype(bool)
+    stops = np.sort((rows - y0) * (width + 1) + cols)
+    runs = np.diff(stops, prepend=0, append=height * (width + 1))
+    values = (np.arange(len(runs)) & 1).astype(np.uint8) * np.uint8(255)
+    return np.repeat(values, runs).reshape(height, width + 1)[:, :width]
 
 
 def offset_outline(poly, distance):
     """Move each vertex of a dense closed outline `distance` outwards along its normal: the
     filled shape plus a stroke of width 2*distance (exact wherever the curvature radius
     exceeds `distance`)."""
-    if distance == 0:
-        return poly
-    tangent = np.roll(poly, -1, axis=0) - np.roll(poly, 1, axis=0)
+    nxt, prev = np.concatenate([poly[1:], poly[:1]]), np.concatenate([poly[-1:], poly[:-1]])
+    tangent = nxt - prev
     normal = np.stack([tangent[:, 1], -tangent[:, 0]], 1)
-    normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-12)
-    x, y = poly[:, 0], poly[:, 1]
-    signed_area = 0.5 * np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y)
+    normal /= np.maximum(np.hypot(normal[:, :1], normal[:, 1:]), 1e-12)
+    signed_area = np.sum(poly[:, 0] * nxt[:, 1] - nxt[:, 0] * poly[:, 1])
     return poly + np.sign(signed_area) * distance * normal
 
 
@@ -145,36 +147,34 @@ def random_region(height, width, draws):
     ratio = draws.randint(6, 8) / 10
     outline, ctrl = bezier_outline(edge_num, ratio, draws)
     lo, hi = LIMIT_PAD * ctrl.min(), LIMIT_PAD * ctrl.max()
-    ax_w = (AXES_X[1] - AXES_X[0]) * CANVAS_W
-    ax_h = (AXES_Y[1] - AXES_Y[0]) * CANVAS_H
-    px = AXES_X[0] * CANVAS_W + (outline[:, 0] - lo) / (hi - lo) * ax_w
-    py = CANVAS_H - (AXES_Y[0] * CANVAS_H + (outline[:, 1] - lo) / (hi - lo) * ax_h)  # rows go down
-    poly = offset_outline(np.stack([px, py], 1), STROKE_HALF_WIDTH)
-    # canvas pixels covered completely: all four corners inside the outline
-    c0, r0 = np.floor(poly.min(0)).astype(int)
-    c1, r1 = np.ceil(poly.max(0)).astype(int)
-    corners = inside_corners(poly, c0, r0, c1 - c0 + 1, r1 - r0 + 1)
+    scale = np.array([AXES_X[1] - AXES_X[0], -(AXES_Y[1] - AXES_Y[0])]) * (CANVAS_W, CANVAS_H) / (hi - lo)
+    origin = np.array([AXES_X[0] * CANVAS_W, (1 - AXES_Y[0]) * CANVAS_H])  # canvas rows go down
+    poly = offset_outline(origin + (outline - lo) * scale, STROKE_HALF_WIDTH)
+    # canvas pixels covered completely (all four corners inside), with a zero margin
+    c0, r0 = np.floor(poly.min(0)).astype(int) - 1
+    c1, r1 = np.ceil(poly.max(0)).astype(int) + 2
+    corners = inside_corners(poly, c0, r0, c1 - c0, r1 - r0)
     full = corners[:-1, :-1] & corners[1:, :-1] & corners[:-1, 1:] & corners[1:, 1:]
-    canvas = np.zeros((CANVAS_H, CANVAS_W), np.uint8)
-    canvas[r0:r1, c0:c1] = full * np.uint8(255)
-    box = cv2.resize(canvas, (width, height), interpolation=cv2.INTER_LINEAR)
-    hole = np.where(box == 255, np.uint8(255), np.uint8(0))
+    # the canvas -> box bilinear resize, done on this window only: same scale, and the
+    # sub-pixel phase it shifts is as random as the blob's place on the canvas
+    box = cv2.resize(full, (0, 0), fx=width / CANVAS_W, fy=height / CANVAS_H, interpolation=cv2.INTER_LINEAR)
+    hole = cv2.compare(box, 255, cv2.CMP_EQ)  # stayed fully set: 255, else 0
     x, y, w, h = cv2.boundingRect(hole)
     return hole[y:y + h, x:x + w]
 
 
 def random_track(video_length, height, width, region_hw, draws):
-    """Top-left (row, col) of the region in each frame: (video_length, 2) int, or None for a
-    still clip. Moving clips drift with a randomly accelerating velocity, redrawn when the
-    region would leave the frame; the region is clipped to stay fully inside."""
+    """Top-left (row, col) of the region in each frame, (video_length, 2) int64, and whether the
+    clip is still. A moving region drifts with a randomly accelerating velocity, redrawn when it
+    would leave the frame; its position is clipped so it always stays fully inside."""
     max_r, max_c = height - region_hw[0], width - region_hw[1]
     r, c = draws.randint(0, max_r), draws.randint(0, max_c)
+    track = np.empty((video_length, 2), np.int64)
+    track[:] = r, c
     if draws.coin() > 0.5:
-        return r, c, None
+        return track, True
     speed = draws.uniform(MAX_SPEED, 1.0)  # the original's uniform(3): low=3, high=1 -> (1, 3]
     angle = draws.uniform(0, 2 * np.pi)
-    track = np.empty((video_length, 2), np.int64)
-    track[0] = r, c
     for i in range(1, video_length):
         r += int(speed * math.cos(angle))
         c += int(speed * math.sin(angle))
@@ -185,38 +185,68 @@ def random_track(video_length, height, width, region_hw, draws):
             angle = draws.uniform(0, 2 * np.pi)
         r, c = min(max(r, 0), max_r), min(max(c, 0), max_c)
         track[i] = r, c
-    return r, c, track
+    return track, False
+
+
+def random_clip(video_length, height, width, draws):
+    """One clip's random blob and motion: (region uint8 (h, w) with 255 = hole, track
+    (video_length, 2) top-left positions, still flag), drawing in the original's order."""
+    box_h = draws.randint(height // 3, height - 1)
+    box_w = draws.randint(width // 3, width - 1)
+    region = random_region(box_h, box_w, draws)
+    track, still = random_track(video_length, height, width, region.shape, draws)
+    return region, track, still
+
+
+def place_region(region, track, height, width):
+    """Paste `region` once into a zero canvas from which every frame is a window.
+
+    Returns (canvas uint8, window offsets (video_length,) into canvas.ravel()). Frame i is
+    `canvas[a:a+height, b:b+width]` with a, b = divmod(offset, canvas width): the region sits
+    at track[i] in it. The canvas has one spare row so each window spans `height` full strides
+    (what PIL's zero-copy `frombuffer` maps)."""
+    (r_lo, c_lo), (r_hi, c_hi) = track.min(0), track.max(0)
+    canvas = np.zeros((height + r_hi - r_lo + 1, width + c_hi - c_lo), np.uint8)
+    h, w = region.shape
+    canvas[r_hi:r_hi + h, c_hi:c_hi + w] = region
+    offsets = (r_hi - track[:, 0]) * canvas.shape[1] + (c_hi - track[:, 1])
+    return canvas, offsets
+
+
+def random_mask_frames(video_length, imageHeight=240, imageWidth=432, rng=None):
+    """The generator's masks as a list of `video_length` read-only uint8 (H, W) views, 255 = hole.
+
+    No full-size copies: a still clip repeats one array, a moving clip's frames are windows of
+    one padded canvas (see `place_region`). `rng`: None (global `random` / `numpy.random`, like
+    the original), a `numpy.random.Generator`, or an int seed."""
+    region, track, still = random_clip(video_length, imageHeight, imageWidth, as_draws(rng))
+    canvas, offsets = place_region(region, track[:1] if still else track, imageHeight, imageWidth)
+    canvas.flags.writeable = False
+    cw = canvas.shape[1]
+    frames = [canvas[o // cw:o // cw + imageHeight, o % cw:o % cw + imageWidth] for o in offsets]
+    return frames * video_length if still else frames
 
 
 def random_shape_masks(video_length, imageHeight=240, imageWidth=432, rng=None):
-    """Masks of one random blob, still or moving: uint8 (video_length, H, W), 255 = hole.
-
-    A still clip is returned as a read-only broadcast view of one frame (no copy); moving
-    clips are a fresh array. `rng`: None (global `random` / `numpy.random`, like the
-    original), a `numpy.random.Generator`, or an int seed."""
-    draws = as_draws(rng)
-    box_h = draws.randint(imageHeight // 3, imageHeight - 1)
-    box_w = draws.randint(imageWidth // 3, imageWidth - 1)
-    region = random_region(box_h, box_w, draws)
-    h, w = region.shape
-    r, c, track = random_track(video_length, imageHeight, imageWidth, (h, w), draws)
-    if track is None:
-        frame = np.zeros((imageHeight, imageWidth), np.uint8)
-        frame[r:r + h, c:c + w] = region
-        return np.broadcast_to(frame, (video_length, imageHeight, imageWidth))
-    masks = np.zeros((video_length, imageHeight, imageWidth), np.uint8)
-    for frame, (r, c) in zip(masks, track):
-        frame[r:r + h, c:c + w] = region
-    return masks
+    """The generator's masks as one uint8 array (video_length, H, W), 255 = hole; a still clip is
+    a read-only broadcast of one frame. `rng` as in `random_mask_frames`."""
+    frames = random_mask_frames(video_length, imageHeight, imageWidth, rng)
+    if all(f is frames[0] for f in frames):
+        return np.broadcast_to(frames[0], (video_length, imageHeight, imageWidth))
+    return np.stack(frames)
 
 
 def create_random_shape_with_random_motion(video_length, imageHeight=240, imageWidth=432, rng=None):
     """`video_length` PIL images (mode L, 255 = hole, 0 = kept) of one random blob, still with
-    probability 0.5 (then the same image object repeated, as in the original) else moving.
+    probability 0.5 (then one image object repeated, as in the original) else moving.
 
-    Same signature and output as the original; `rng` is an optional extra (see
-    `random_shape_masks`)."""
-    masks = random_shape_masks(video_length, imageHeight, imageWidth, rng)
-    if masks.strides[0] == 0:
-        return [Image.fromarray(np.ascontiguousarray(masks[0]))] * video_length
-    return [Image.fromarray(m) for m in masks]
+    Same signature, output and distribution as the original; `rng` is an optional extra (see
+    `random_mask_frames`). The images are read-only maps of one shared canvas (PIL copies on
+    the first write), which is what makes a call cheap."""
+    draws = as_draws(rng)
+    region, track, still = random_clip(video_length, imageHeight, imageWidth, draws)
+    canvas, offsets = place_region(region, track[:1] if still else track, imageHeight, imageWidth)
+    buffer = memoryview(canvas.reshape(-1))
+    images = [Image.frombuffer("L", (imageWidth, imageHeight), buffer[o:], "raw", "L", canvas.shape[1], 1)
+              for o in offsets]
+    return images * video_length if still else images

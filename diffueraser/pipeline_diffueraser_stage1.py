@@ -2,8 +2,9 @@
 
 Used by validation during training and by the demo. Conventions are the training ones:
 masks are hole = 0, kept = 1; BrushNet's condition is cat([masked_latents, latent_mask]), where
-masked_latents = vae.encode(frame * kept) * scaling_factor with frames in the VAE's [-1, 1]
-range (so the hole is 0, mid grey) and latent_mask is the mask resized to latent size (nearest).
+masked_latents = vae.encode(frame * kept) * scaling_factor with the frame in [0, 1] before the
+[-1, 1] normalisation (so the hole is black, -1, exactly as the training data makes it) and
+latent_mask is the mask resized to latent size (nearest).
 """
 import numpy as np
 import torch
@@ -51,8 +52,9 @@ class DiffuEraserPipelineStage1(DiffusionPipeline):
             raise ValueError(f"frame size {height}x{width} must be a multiple of {self.vae_scale_factor}")
         kept = torch.from_numpy(np.asarray(masks, dtype=np.float32))
         kept = (kept / (255.0 if kept.max() > 1 else 1.0) > 0.5).float()[:, None].to(self.device)  # (F, 1, H, W)
-        pixels = self.image_processor.preprocess(frames.astype(np.float32) / 255.0).to(self.device)  # [-1, 1]
-        masked = (pixels * kept).to(self.vae.dtype)
+        pixels = torch.from_numpy(frames.astype(np.float32) / 255.0).permute(0, 3, 1, 2).to(self.device)
+        # As in training: the hole is black (0 in [0, 1]) before the [-1, 1] normalisation.
+        masked = ((pixels * kept) * 2 - 1).to(self.vae.dtype)
         # The posterior mean: deterministic, leaves every RNG alone (SD's VAE posterior std is tiny).
         latents = torch.cat([self.vae.encode(chunk).latent_dist.mode() for chunk in masked.split(decode_chunk_size)])
         latents = latents * self.vae.config.scaling_factor  # (F, 4, H/8, W/8)

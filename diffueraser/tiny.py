@@ -37,10 +37,8 @@ WORDS = ["clean", "background", "a", "the", "video", "of", "bear", "boat"]
 def write_tiny_tokenizer(path):
     """Write a CLIPTokenizer folder (vocab.json + merges.txt) whose vocabulary covers every byte
     plus a few whole words, so any caption tokenizes without a hub download."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
     os.makedirs(path, exist_ok=True)
-    chars = list(bytes_to_unicode().values())
+    chars = byte_symbols()
     vocab = chars + [c + "</w>" for c in chars]
     merges = []
     for word in WORDS:  # merge each word left to right into one token
@@ -56,7 +54,17 @@ def write_tiny_tokenizer(path):
         json.dump({tok: i for i, tok in enumerate(dict.fromkeys(vocab))}, f)
     with open(os.path.join(path, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}, f)
     return path
+
+
+def byte_symbols():
+    """The 256 printable symbols byte-level BPE uses for the bytes 0..255 (GPT-2's byte map)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
 
 
 def tiny_tokenizer(path):

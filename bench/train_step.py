@@ -1,0 +1,240 @@
+"""Speed and memory of the real training step, per configuration, side by side in one run.
+
+    python bench/train_step.py --json bench_step.json          # full SD1.5 size, on a GPU
+    python bench/train_step.py --tiny                          # tiny models on CPU (the tests run this)
+
+Builds SD1.5-size models with random weights from configs (UNet, BrushNet from it, VAE, CLIP text
+encoder, motion adapter v1-5-2 layout), then for each configuration runs the project's own
+`training_step` + `update` (the functions the training scripts use) on synthetic batches and
+prints median/min/max s per step, peak allocated/reserved GiB, TFLOP per step (FlopCounterMode),
+achieved TFLOP/s and the fraction of the matmul peak measured in the same run.
+
+On the device (no diffusers there), bring the wheels: see train.md, "Benchmarks".
+"""
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from diffueraser.trainer import TextEmbedder, configure_models, make_optimizer, training_step, update  # noqa: E402
+
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512)
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+
+# name -> (stage, options). "baseline" is our step with every speed change off and the
+# original's per-step gc.collect()/empty_cache() put back, to show what each change buys.
+CONFIGS = {
+    "s1-baseline": ("stage1", dict(baseline=True)),
+    "s1-default": ("stage1", dict()),
+    "s1-channels_last": ("stage1", dict(channels_last=True)),
+    "s1-compile": ("stage1", dict(compile=True)),
+    "s1-24GB": ("stage1", dict(gradient_checkpointing=True, use_8bit_adam=True, cap_gib=24)),
+    "s2-baseline": ("stage2", dict(baseline=True)),
+    "s2-default": ("stage2", dict()),
+    "s2-compile": ("stage2", dict(compile=True)),
+    "s2-24GB": ("stage2", dict(gradient_checkpointing=True, cap_gib=24)),
+}
+FRAMES = {"stage1": 10, "stage2": 22}
+
+
+def build_models(stage, tiny, device):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffueraser.tiny import TINY_MOTION_ADAPTER, TINY_UNET, TINY_VAE
+    from libs.brushnet_CA import BrushNetModel
+    from libs.unet_2d_condition import UNet2DConditionModel
+    from libs.unet_motion_model import MotionAdapter, UNetMotionModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**(TINY_UNET if tiny else SD15_UNET))
+        brushnet = BrushNetModel.from_unet(unet)
+        vae = AutoencoderKL(**(TINY_VAE if tiny else SD15_VAE))
+        text_cfg = dict(SD15_TEXT, **(dict(hidden_size=20, intermediate_size=37, num_hidden_layers=1,
+                                           num_attention_heads=2, vocab_size=1000) if tiny else {}))
+        text = CLIPTextModel(CLIPTextConfig(**text_cfg))
+        if stage == "stage2":
+            unet = UNetMotionModel.from_unet2d(unet, MotionAdapter(**(TINY_MOTION_ADAPTER if tiny else {})))
+            unet.freeze_unet2d_params()
+            brushnet.requires_grad_(False)
+    return unet, brushnet, vae.requires_grad_(False).eval(), text.requires_grad_(False).eval()
+
+
+def synthetic_batch(frames, resolution, device):
+    pixel = torch.rand(1, frames, 3, resolution, resolution, device=device) * 2 - 1
+    masks = (torch.rand(1, frames, 1, resolution, resolution, device=device) > 0.2).float()
+    return dict(pixel_values=pixel, conditioning_pixel_values=pixel * masks, masks=masks,
+                input_ids=torch.full((1, 77), 7, dtype=torch.long, device=device))
+
+
+def matmul_peak_tflops(device, n=8192, reps=20):
+    """Dense fp16 matmul rate of this GPU, measured now."""
+    a = torch.randn(n, n, device=device, dtype=torch.float16)
+    b = torch.randn(n, n, device=device, dtype=torch.float16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def run_config(name, stage, opts, args, accelerator):
+    """Time one configuration; returns a result dict."""
+    from diffusers import DDPMScheduler
+
+    device = accelerator.device
+    cuda = device.type == "cuda"
+    if cuda and opts.get("cap_gib"):
+        torch.cuda.set_per_process_memory_fraction(opts["cap_gib"] * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    unet, brushnet, vae, text = build_models(stage, args.tiny, device)
+    dtype = torch.float16 if accelerator.mixed_precision == "fp16" else (
+        torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32)
+    vae.to(dtype), text.to(dtype)
+    run_args = SimpleNamespace(enable_xformers_memory_efficient_attention=False,
+                               gradient_checkpointing=opts.get("gradient_checkpointing", False),
+                               channels_last=opts.get("channels_last", False), scale_lr=False,
+                               learning_rate=5e-6, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2,
+                               adam_epsilon=1e-8, use_8bit_adam=opts.get("use_8bit_adam", False),
+                               fused_adam=0 if opts.get("baseline") else 1, train_batch_size=1,
+                               gradient_accumulation_steps=1, max_grad_norm=1.0, max_bad_steps=20)
+    configure_models(run_args, unet, brushnet)
+    trained = [m for m in (unet, brushnet) if any(p.requires_grad for p in m.parameters())]
+    frozen = [m for m in (unet, brushnet) if m not in trained]
+    for m in frozen:
+        m.to(dtype)
+    params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    optimizer = make_optimizer(run_args, params, accelerator)
+    *trained, optimizer = accelerator.prepare(*trained, optimizer)
+    unet, brushnet = [trained.pop(0) if m not in frozen else m for m in (unet, brushnet)]
+    if opts.get("compile"):
+        unet = torch.compile(unet) if unet not in frozen else unet
+        brushnet = torch.compile(brushnet) if brushnet not in frozen else brushnet
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    frames, res = (2 if args.tiny else FRAMES[stage]), (32 if args.tiny else args.resolution)
+    batch = synthetic_batch(frames, res, device)
+    embed = TextEmbedder(text)
+    lr_scheduler = SimpleNamespace(step=lambda: None)
+    state = dict(step=0, bad_steps=0, window_ok=True, window_losses=[])
+    baseline = opts.get("baseline")
+    vae_chunk = frames if baseline else 0  # baseline: frames and masked frames in two VAE calls
+
+    def step():
+        if baseline:  # the original: text encoder every step, gc + empty_cache every step
+            embed.cache.clear()
+        loss = training_step(batch, unet, brushnet, vae, embed, scheduler, dtype, vae_chunk)
+        accelerator.backward(loss)
+        update(accelerator, run_args, state, loss, params, optimizer, lr_scheduler)
+        if baseline:
+            for _ in range(5):
+                gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    result = dict(config=name, stage=stage, frames=frames, resolution=res, options=opts,
+                  median_s=statistics.median(times), min_s=min(times), max_s=max(times),
+                  trainable_params_M=sum(p.numel() for p in params) / 1e6)
+    if cuda:
+        result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+                      peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+    if not opts.get("compile"):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            step()
+        result["tflop_per_step"] = counter.get_total_flops() / 1e12
+    del unet, brushnet, vae, text, optimizer, params, trained, batch, embed
+    accelerator.free_memory()
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="Tiny models on CPU (a smoke run).")
+    parser.add_argument("--configs", default=None, help="Comma-separated names (default: all). " + ", ".join(CONFIGS))
+    parser.add_argument("--steps", type=int, default=10, help="Timed steps per configuration.")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first.")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--mixed_precision", default=None, help="fp16 (GPU default), bf16 or no (CPU default).")
+    parser.add_argument("--json", default=None, help="Write the results here.")
+    args = parser.parse_args(argv)
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    accelerator = Accelerator(mixed_precision=args.mixed_precision or ("fp16" if cuda else "no"), cpu=not cuda)
+    names = args.configs.split(",") if args.configs else [n for n in CONFIGS if not (args.tiny and "compile" in n)]
+    peak = matmul_peak_tflops(accelerator.device) if cuda else None
+    results = []
+    for name in names:
+        stage, opts = CONFIGS[name]
+        try:
+            r = run_config(name, stage, opts, args, accelerator)
+        except torch.cuda.OutOfMemoryError as e:
+            r = dict(config=name, stage=stage, options=opts, error=f"out of memory: {str(e)[:200]}")
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        if "tflop_per_step" in r:
+            r["achieved_tflops"] = r["tflop_per_step"] / r["median_s"]
+            if peak:
+                r["fraction_of_matmul_peak"] = r["achieved_tflops"] / peak
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    print_table(results, peak)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                           matmul_peak_tflops=peak, results=results), f, indent=1)
+    return results
+
+
+def print_table(results, peak):
+    print(f"\nmatmul peak (fp16, measured): {peak:.0f} TFLOP/s" if peak else "\n(cpu run: no matmul peak)")
+    head = f"{'config':18} {'s/step med':>10} {'min':>7} {'max':>7} {'alloc GiB':>9} {'resv GiB':>8} " \
+           f"{'TFLOP':>7} {'TFLOP/s':>8} {'of peak':>7}"
+    print(head)
+    for r in results:
+        if "error" in r:
+            print(f"{r['config']:18} {r['error'][:80]}")
+            continue
+        print(f"{r['config']:18} {r['median_s']:10.3f} {r['min_s']:7.3f} {r['max_s']:7.3f} "
+              f"{r.get('peak_allocated_gib', 0):9.1f} {r.get('peak_reserved_gib', 0):8.1f} "
+              f"{r.get('tflop_per_step', 0):7.1f} {r.get('achieved_tflops', 0):8.1f} "
+              f"{r.get('fraction_of_matmul_peak', 0):7.1%}")
+
+
+if __name__ == "__main__":
+    main()
