@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffueraser.trainer import TextEmbedder, configure_models, make_optimizer, training_step, update  # noqa: E402
+from diffueraser.trainer import (  # noqa: E402
+    TextEmbedder, compile_blocks, configure_models, make_optimizer, place_frozen_encoders, training_step, update)
 
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
 SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -37,13 +38,14 @@ SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_
 CONFIGS = {
     "s1-baseline": ("stage1", dict(baseline=True)),
     "s1-default": ("stage1", dict()),
+    "s1-no_cudnn_benchmark": ("stage1", dict(cudnn_benchmark=False)),
     "s1-channels_last": ("stage1", dict(channels_last=True)),
     "s1-compile": ("stage1", dict(compile=True)),
-    "s1-24GB": ("stage1", dict(gradient_checkpointing=True, use_8bit_adam=True, cap_gib=24)),
+    "s1-24GB": ("stage1", dict(gradient_checkpointing=True, use_8bit_adam=True, vae_batch_size=4)),
     "s2-baseline": ("stage2", dict(baseline=True)),
     "s2-default": ("stage2", dict()),
     "s2-compile": ("stage2", dict(compile=True)),
-    "s2-24GB": ("stage2", dict(gradient_checkpointing=True, cap_gib=24)),
+    "s2-24GB": ("stage2", dict(gradient_checkpointing=True, vae_batch_size=4)),
 }
 FRAMES = {"stage1": 10, "stage2": 22}
 
@@ -99,19 +101,22 @@ def run_config(name, stage, opts, args, accelerator):
 
     device = accelerator.device
     cuda = device.type == "cuda"
-    if cuda and opts.get("cap_gib"):
-        torch.cuda.set_per_process_memory_fraction(opts["cap_gib"] * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    if cuda and args.memory_cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total)
     unet, brushnet, vae, text = build_models(stage, args.tiny, device)
     dtype = torch.float16 if accelerator.mixed_precision == "fp16" else (
         torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32)
-    vae.to(dtype), text.to(dtype)
     run_args = SimpleNamespace(enable_xformers_memory_efficient_attention=False,
+                               cudnn_benchmark=opts.get("cudnn_benchmark", not opts.get("baseline")),
+                               compile=opts.get("compile", False),
                                gradient_checkpointing=opts.get("gradient_checkpointing", False),
                                channels_last=opts.get("channels_last", False), scale_lr=False,
                                learning_rate=5e-6, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2,
                                adam_epsilon=1e-8, use_8bit_adam=opts.get("use_8bit_adam", False),
                                fused_adam=0 if opts.get("baseline") else 1, train_batch_size=1,
                                gradient_accumulation_steps=1, max_grad_norm=1.0, max_bad_steps=20)
+    place_frozen_encoders(run_args, vae, text, device, dtype)
     configure_models(run_args, unet, brushnet)
     trained = [m for m in (unet, brushnet) if any(p.requires_grad for p in m.parameters())]
     frozen = [m for m in (unet, brushnet) if m not in trained]
@@ -122,8 +127,8 @@ def run_config(name, stage, opts, args, accelerator):
     *trained, optimizer = accelerator.prepare(*trained, optimizer)
     unet, brushnet = [trained.pop(0) if m not in frozen else m for m in (unet, brushnet)]
     if opts.get("compile"):
-        unet = torch.compile(unet) if unet not in frozen else unet
-        brushnet = torch.compile(brushnet) if brushnet not in frozen else brushnet
+        compile_blocks(unet)
+        compile_blocks(brushnet)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     frames, res = (2 if args.tiny else FRAMES[stage]), (32 if args.tiny else args.resolution)
     batch = synthetic_batch(frames, res, device)
@@ -131,7 +136,7 @@ def run_config(name, stage, opts, args, accelerator):
     lr_scheduler = SimpleNamespace(step=lambda: None)
     state = dict(step=0, bad_steps=0, window_ok=True, window_losses=[])
     baseline = opts.get("baseline")
-    vae_chunk = frames if baseline else 0  # baseline: frames and masked frames in two VAE calls
+    vae_chunk = frames if baseline else opts.get("vae_batch_size", 0)  # baseline: two VAE calls
 
     def step():
         if baseline:  # the original: text encoder every step, gc + empty_cache every step
@@ -166,6 +171,8 @@ def run_config(name, stage, opts, args, accelerator):
     if cuda:
         result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                       peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+    if args.profile and cuda and not opts.get("compile"):
+        result["phases_ms"] = phase_times(step, dict(vae=vae.encoder, text=text, brushnet=brushnet, unet=unet))
     if not opts.get("compile"):
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -181,6 +188,36 @@ def run_config(name, stage, opts, args, accelerator):
     return result
 
 
+def phase_times(step, modules, reps=3):
+    """Mean GPU ms per step spent in each module's forward, in backward, and in the update."""
+    events, hooks = {}, []
+    for name, module in modules.items():
+        module = getattr(module, "_orig_mod", module)
+        module = getattr(module, "module", module)
+        def pre(m, a, name=name):
+            events.setdefault(name, []).append([torch.cuda.Event(enable_timing=True), None])
+            events[name][-1][0].record()
+        def post(m, a, o, name=name):
+            events[name][-1][1] = torch.cuda.Event(enable_timing=True)
+            events[name][-1][1].record()
+        hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    total = 0.0
+    torch.cuda.synchronize()
+    for _ in range(reps):
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        total += start.elapsed_time(end)
+    for h in hooks:
+        h.remove()
+    out = {name: sum(a.elapsed_time(b) for a, b in pairs if b is not None) / reps for name, pairs in events.items()}
+    out["step_total"] = total / reps
+    out["rest (backward + update)"] = out["step_total"] - sum(v for k, v in out.items() if k != "step_total")
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="Tiny models on CPU (a smoke run).")
@@ -190,6 +227,9 @@ def main(argv=None):
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--mixed_precision", default=None, help="fp16 (GPU default), bf16 or no (CPU default).")
     parser.add_argument("--json", default=None, help="Write the results here.")
+    parser.add_argument("--memory_cap_gib", type=float, default=None,
+                        help="Cap this process's GPU memory (e.g. 24 to prove a preset fits a 24 GB card).")
+    parser.add_argument("--profile", action="store_true", help="Also time the forward of each model (GPU).")
     args = parser.parse_args(argv)
     from accelerate import Accelerator
 

@@ -1,19 +1,20 @@
 """Random free-form video masks: one smooth blob per clip, still or drifting.
 
 `create_random_shape_with_random_motion` has the original DiffuEraser signature and output (a
-list of `video_length` PIL images, mode `L`, 255 = hole, 0 = kept) and the same distribution
-(checked against `shared/reference/mask_stats.json` in tests/test_masks.py), without matplotlib.
-`random_shape_masks` is the same generator returning one uint8 array (F, H, W), which the
-training dataset uses to skip the PIL round trip.
+list of `video_length` PIL images, mode `L`, 255 = hole, 0 = kept) and its distribution
+(checked against `shared/reference/mask_stats.json` in tests/test_masks.py), without
+matplotlib and about 20x faster. `random_mask_frames` (a list of uint8 views, used by the
+training dataset) and `random_shape_masks` (one (F, H, W) array) are the same generator
+without PIL.
 
 How the distribution is reproduced. The original draws the blob with matplotlib's defaults: a
-640x480 canvas, one subplot covering [0.125, 0.9] x [0.11, 0.88] of it, both axis limits set to
-1.1 x (min, max) of all control-point coordinates, an anti-aliased black fill; it then resizes
-the canvas to the region box (bilinear), keeps the pixels that stayed exactly black and crops
-to their extent. We place the Bezier outline at the same canvas coordinates, keep the canvas
-pixels the outline covers completely (all four corners inside), resize that with the same
-bilinear filter, keep what stayed fully set and crop. Only this exact rasterisation detail
-differs; it moves the hole area by well under 1 %.
+640x480 canvas, one subplot covering [0.125, 0.9] x [0.11, 0.88] of it, both axis limits
+1.1 x (min, max) of all control-point coordinates, an anti-aliased black fill with a 2 pt edge
+stroke; it then resizes the canvas to the region box (bilinear), keeps the pixels that stayed
+exactly black and crops to their extent. We place the Bezier outline at the same canvas
+coordinates, widen it by the half stroke, keep the canvas pixels it covers completely (all four
+corners inside), resize those with the same bilinear filter, keep what stayed fully set and
+crop. Only the rasterisation details differ (an exact polygon test instead of Agg's coverage).
 """
 import math
 import random
@@ -67,8 +68,8 @@ class GeneratorDraws:
     def unit(self, n):
         return self.rng.random(n)
 
-    def uniform(self, low, high):
-        return float(self.rng.uniform(low, high))
+    def uniform(self, low, high):  # low > high allowed, as in numpy's legacy `uniform`
+        return low + (high - low) * float(self.rng.random())
 
     def normal(self, sigma):
         return float(self.rng.normal(0, sigma))
@@ -157,8 +158,11 @@ def random_region(height, width, draws):
     full = corners[:-1, :-1] & corners[1:, :-1] & corners[:-1, 1:] & corners[1:, 1:]
     # the canvas -> box bilinear resize, done on this window only: same scale, and the
     # sub-pixel phase it shifts is as random as the blob's place on the canvas
-    box = cv2.resize(full, (0, 0), fx=width / CANVAS_W, fy=height / CANVAS_H, interpolation=cv2.INTER_LINEAR)
-    hole = cv2.compare(box, 255, cv2.CMP_EQ)  # stayed fully set: 255, else 0
+    fx, fy = width / CANVAS_W, height / CANVAS_H
+    if round(full.shape[1] * fx) < 1 or round(full.shape[0] * fy) < 1:  # frames a few pixels small
+        return np.full((1, 1), 255, np.uint8)
+    box = cv2.resize(full, (0, 0), fx=fx, fy=fy, interpolation=cv2.INTER_LINEAR)
+    hole = (box == 255).view(np.uint8) * np.uint8(255)  # stayed fully set: 255, else 0
     x, y, w, h = cv2.boundingRect(hole)
     return hole[y:y + h, x:x + w]
 

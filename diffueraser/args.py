@@ -64,6 +64,8 @@ def add_speed_args(parser):
                    help="Use xformers attention if installed (PyTorch SDPA is used otherwise; it is as fast).")
     g.add_argument("--channels_last", action="store_true", help="channels_last memory format for the trained nets.")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet and BrushNet.")
+    g.add_argument("--cudnn_benchmark", type=int, default=1, choices=[0, 1],
+                   help="Let cuDNN pick the fastest convolution kernels for the fixed clip shape.")
     g.add_argument("--vae_batch_size", type=int, default=0,
                    help="Frames per VAE encode call (0 = all frames and masked frames in one call).")
     g.add_argument("--fused_adam", type=int, default=1, choices=[0, 1], help="Fused AdamW kernel on CUDA.")
