@@ -9,12 +9,10 @@ import json
 import logging
 import math
 import os
-import random
 import signal
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -222,7 +220,11 @@ def compile_blocks(model):
     of that shape, so it compiles in a fraction of the time of a whole-model compile, and the
     state-dict keys stay those of the released checkpoints (no `_orig_mod.` prefix).
     """
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    config = torch._dynamo.config  # every block shape is its own graph: allow enough of them
+    for name, limit in (("cache_size_limit", 512), ("recompile_limit", 512), ("accumulated_recompile_limit", 4096),
+                        ("accumulated_cache_size_limit", 4096)):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), limit))
     for module in model.modules():
         if type(module).__name__ in COMPILED_BLOCKS:
             module.compile(dynamic=False)  # one static graph per shape: the clip shape is fixed
@@ -251,14 +253,7 @@ def make_dataloader(args, tokenizer):
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
         num_workers=args.dataloader_num_workers, persistent_workers=args.dataloader_num_workers > 0,
-        pin_memory=torch.cuda.is_available(), worker_init_fn=seed_worker)
-
-
-def seed_worker(worker_id):
-    """Different mask streams per worker (the mask generator uses the global RNGs)."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+        pin_memory=torch.cuda.is_available())  # the dataset seeds each draw from (seed, epoch, index, worker)
 
 
 class StopRequest:

@@ -1,0 +1,20 @@
+"""The benchmarks run (tiny, on CPU) so they never rot; their numbers are not checked here."""
+import json
+import subprocess
+import sys
+
+from tests.test_train_e2e import REPO
+
+
+def test_train_step_bench_tiny(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench/train_step.py", "--tiny", "--steps", "1", "--warmup", "0",
+                           "--configs", "s1-baseline,s1-default,s2-24GB", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["config"] for r in results] == ["s1-baseline", "s1-default", "s2-24GB"]
+    for r in results:
+        assert r["median_s"] > 0 and r["tflop_per_step"] > 0 and r["trainable_params_M"] > 0
+    assert results[0]["trainable_params_M"] > results[2]["trainable_params_M"]  # stage 2 trains motion only
+    assert "s1-default" in proc.stdout
