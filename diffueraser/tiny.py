@@ -90,7 +90,7 @@ def write_tiny_sd(path, seed=0):
     write_tiny_tokenizer(os.path.join(path, "tokenizer"))
     with open(os.path.join(path, "tokenizer", "vocab.json")) as f:
         text_cfg.vocab_size = len(json.load(f))
-    text_cfg.eos_token_id = text_cfg.vocab_size - 1
+    text_cfg.bos_token_id, text_cfg.eos_token_id = text_cfg.vocab_size - 2, text_cfg.vocab_size - 1
     CLIPTextModel(text_cfg).save_pretrained(os.path.join(path, "text_encoder"))
     DDPMScheduler(**TINY_SCHEDULER).save_pretrained(os.path.join(path, "scheduler"))
     with open(os.path.join(path, "model_index.json"), "w") as f:
@@ -153,3 +153,22 @@ def write_synthetic_ytvos(root, videos=("yt0", "yt1"), nframes=12, size=(64, 96)
         for i, frame in enumerate(_video_frames(rng, nframes, h, w)):
             Image.fromarray(frame).save(os.path.join(jdir, f"{i:05d}.jpg"), quality=92)
     return root
+
+
+def tiny_stage_models(stage, seed=0):
+    """(unet, brushnet) of a tiny training stage, random weights, `requires_grad` set as that stage
+    trains them: stage1 everything; stage2 only the motion modules, BrushNet frozen."""
+    import torch
+
+    from libs.brushnet_CA import BrushNetModel
+    from libs.unet_2d_condition import UNet2DConditionModel
+    from libs.unet_motion_model import MotionAdapter, UNetMotionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    brushnet = BrushNetModel.from_unet(unet)
+    if stage == "stage2":
+        unet = UNetMotionModel.from_unet2d(unet, MotionAdapter(**TINY_MOTION_ADAPTER))
+        unet.freeze_unet2d_params()
+        brushnet.requires_grad_(False)
+    return unet, brushnet

@@ -16,21 +16,12 @@ def one_update(stage, out_file):
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
-    from diffueraser.tiny import TINY_MOTION_ADAPTER, TINY_SCHEDULER, TINY_UNET
+    from diffueraser.tiny import TINY_SCHEDULER, tiny_stage_models
     from diffueraser.trainer import diffusion_loss, is_trained, update
-    from libs.brushnet_CA import BrushNetModel
-    from libs.unet_2d_condition import UNet2DConditionModel
-    from libs.unet_motion_model import MotionAdapter, UNetMotionModel
 
     accelerator = Accelerator()
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**TINY_UNET)
-    brushnet = BrushNetModel.from_unet(unet)
+    unet, brushnet = tiny_stage_models(stage)
     f = 2
-    if stage == "stage2":
-        unet = UNetMotionModel.from_unet2d(unet, MotionAdapter(**TINY_MOTION_ADAPTER))
-        unet.freeze_unet2d_params()
-        brushnet.requires_grad_(False)
     trained = [m for m in (unet, brushnet) if is_trained(m)]
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)

@@ -192,3 +192,12 @@ def test_bad_paths_are_named(assets, tmp_path):
     proc = run("train_DiffuEraser_stage2.py", [*flags(assets, tmp_path, 1), "--pretrained_stage1", tmp_path,
                                                "--motion_adapter_path", assets / "adapter"], check=False)
     assert proc.returncode != 0 and "--pretrained_stage1" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["finetune_stage1.sh", "finetune_stage2.sh"])
+def test_shell_scripts_name_missing_paths(script, tmp_path):
+    env = {**os.environ, "WEIGHTS": str(tmp_path / "no-weights"), "OUTPUT_DIR": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode == 1
+    assert f"missing: {tmp_path / 'no-weights'}/stable-diffusion-v1-5" in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing started
