@@ -97,6 +97,12 @@ def test_converter_stage1(stage1_run, tmp_path):
         final = load_file(str(out / name / "diffusion_pytorch_model.safetensors"))
         assert all(torch.equal(saved[k], final[k]) for k in saved)  # final folders = last checkpoint
         cls.from_pretrained(str(dest / name))
+    sample = torch.randn(2, 4, 8, 8)
+    t, text = torch.tensor([10, 10]), torch.randn(2, 77, 20)
+    with torch.no_grad():  # the converted UNet computes what the run's final UNet computes
+        a = UNet2DConditionModel.from_pretrained(str(dest / "unet_main"))(sample, t, text).sample
+        b = UNet2DConditionModel.from_pretrained(str(out / "unet_main"))(sample, t, text).sample
+    assert torch.equal(a, b)
     again = run("save_checkpoint_stage1.py", ["--input_dir", out, "--output_dir", dest], check=False)
     assert again.returncode != 0 and "--force" in again.stderr
     run("save_checkpoint_stage1.py", ["--input_dir", out, "--output_dir", dest, "--force"])
@@ -177,13 +183,19 @@ def test_converter_stage2(stage1_run, stage2_run, tmp_path):
 
 @pytest.mark.parametrize("extra", [
     {"train_batch_size": 2, "gradient_accumulation_steps": 2, "mixed_precision": "no"},
-    {"mixed_precision": "bf16", "gradient_checkpointing": True},
+    {"mixed_precision": "bf16", "gradient_checkpointing": True, "report_to": "tensorboard"},
 ])
 def test_batch_accumulation_and_precision(assets, tmp_path, extra):
     proc = run("train_DiffuEraser_stage1.py", flags(assets, tmp_path, 2, **extra))
     assert list_checkpoints(str(tmp_path))[-1][0] == 2
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert all(info[k] == v for k, v in extra.items()), proc.stdout
+    if extra.get("report_to") == "tensorboard":  # the tracker got loss and lr for every step
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
+        assert {"loss", "lr"} <= set(events.Tags()["scalars"])
+        assert [e.step for e in events.Scalars("loss")] == [1, 2]
 
 
 def test_bad_paths_are_named(assets, tmp_path):
