@@ -40,10 +40,13 @@ CONFIGS = {
     "s1-default": ("stage1", dict()),
     "s1-no_cudnn_benchmark": ("stage1", dict(cudnn_benchmark=False)),
     "s1-channels_last": ("stage1", dict(channels_last=True)),
+    "s1-fast_norms": ("stage1", dict(fast_norms=True)),
+    "s1-fast_norms+cl": ("stage1", dict(fast_norms=True, channels_last=True)),
     "s1-compile": ("stage1", dict(compile=True)),
     "s1-24GB": ("stage1", dict(gradient_checkpointing=True, use_8bit_adam=True, vae_batch_size=4)),
     "s2-baseline": ("stage2", dict(baseline=True)),
     "s2-default": ("stage2", dict()),
+    "s2-fast_norms": ("stage2", dict(fast_norms=True)),
     "s2-compile": ("stage2", dict(compile=True)),
     "s2-24GB": ("stage2", dict(gradient_checkpointing=True, vae_batch_size=4)),
 }
@@ -112,6 +115,7 @@ def run_config(name, stage, opts, args, accelerator):
                                compile=opts.get("compile", False),
                                gradient_checkpointing=opts.get("gradient_checkpointing", False),
                                channels_last=opts.get("channels_last", False), scale_lr=False,
+                               fast_norms=opts.get("fast_norms", False),
                                learning_rate=5e-6, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2,
                                adam_epsilon=1e-8, use_8bit_adam=opts.get("use_8bit_adam", False),
                                fused_adam=0 if opts.get("baseline") else 1, train_batch_size=1,
@@ -173,6 +177,8 @@ def run_config(name, stage, opts, args, accelerator):
                       peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
     if args.profile and cuda and not opts.get("compile"):
         result["phases_ms"] = phase_times(step, dict(vae=vae.encoder, text=text, brushnet=brushnet, unet=unet))
+    if args.kernel_table and cuda:
+        result["kernel_table"] = kernel_table(step, f"{args.kernel_table}.{name}.txt")
     if not opts.get("compile"):
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -218,6 +224,20 @@ def phase_times(step, modules, reps=3):
     return out
 
 
+def kernel_table(step, path, reps=2):
+    """torch.profiler's top GPU operators over `reps` steps, written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=60)
+    with open(path, "w") as f:
+        f.write(table)
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="Tiny models on CPU (a smoke run).")
@@ -229,6 +249,7 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="Write the results here.")
     parser.add_argument("--memory_cap_gib", type=float, default=None,
                         help="Cap this process's GPU memory (e.g. 24 to prove a preset fits a 24 GB card).")
+    parser.add_argument("--kernel_table", default=None, help="Write torch.profiler tables to <this>.<config>.txt.")
     parser.add_argument("--profile", action="store_true", help="Also time the forward of each model (GPU).")
     args = parser.parse_args(argv)
     from accelerate import Accelerator

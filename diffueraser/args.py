@@ -63,6 +63,8 @@ def add_speed_args(parser):
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="Use xformers attention if installed (PyTorch SDPA is used otherwise; it is as fast).")
     g.add_argument("--channels_last", action="store_true", help="channels_last memory format for the trained nets.")
+    g.add_argument("--fast_norms", action="store_true",
+                   help="Run GroupNorm/LayerNorm of the trained nets in half precision under mixed precision.")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet and BrushNet.")
     g.add_argument("--cudnn_benchmark", type=int, default=1, choices=[0, 1],
                    help="Let cuDNN pick the fastest convolution kernels for the fixed clip shape.")

@@ -182,12 +182,29 @@ def place_frozen_encoders(args, vae, text_encoder, device, dtype):
     """VAE and text encoder on the device in the mixed-precision dtype (they never train)."""
     vae.to(device, dtype=dtype)
     text_encoder.to(device, dtype=dtype)
-    if args.channels_last:
-        vae.to(memory_format=torch.channels_last)
     if args.compile:
         compile_blocks(vae.encoder)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = args.cudnn_benchmark  # clip shapes never change within a run
+
+
+def _norm_in_input_dtype(self, x):
+    """GroupNorm / LayerNorm computed in the input's dtype (statistics still accumulate in fp32)."""
+    with torch.autocast(x.device.type, enabled=False):
+        w = None if self.weight is None else self.weight.to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        if isinstance(self, torch.nn.GroupNorm):
+            return F.group_norm(x, self.num_groups, w, b, self.eps)
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
+def half_precision_norms(model):
+    """Under autocast, PyTorch runs every norm in fp32, so each one writes fp32 activations that
+    the next layer casts back; this keeps them in half precision instead (`--fast_norms`)."""
+    for m in model.modules():
+        if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            m.forward = _norm_in_input_dtype.__get__(m)
+    return model
 
 
 def configure_models(args, unet, brushnet):
@@ -205,6 +222,8 @@ def configure_models(args, unet, brushnet):
                 m.enable_gradient_checkpointing()
             if args.channels_last:
                 m.to(memory_format=torch.channels_last)
+            if getattr(args, "fast_norms", False):
+                half_precision_norms(m)
             m.train()
         else:
             m.eval()

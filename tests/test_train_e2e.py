@@ -213,3 +213,25 @@ def test_shell_scripts_name_missing_paths(script, tmp_path):
     assert proc.returncode == 1
     assert f"missing: {tmp_path / 'no-weights'}/stable-diffusion-v1-5" in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_stage1_starts_from_a_converted_folder(assets, stage1_run, tmp_path):
+    src = stage1_run["out"]
+    run("train_DiffuEraser_stage1.py", [*flags(assets, tmp_path, 1, learning_rate=0, adam_weight_decay=0),
+                                        "--pretrained_stage1_path", src])
+    for name in ("unet_main", "brushnet"):  # lr 0: the weights it ends with are the ones it loaded
+        a = load_file(str(src / name / "diffusion_pytorch_model.safetensors"))
+        b = load_file(str(tmp_path / name / "diffusion_pytorch_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_motion_modules_from_a_released_stage2_unet(reference):
+    from train_DiffuEraser_stage2 import load_motion_adapter
+
+    adapter = load_motion_adapter(str(reference / "tiny_stage2" / "unet_main"))
+    unet = load_file(str(reference / "tiny_stage2" / "unet_main" / "diffusion_pytorch_model.safetensors"))
+    state = adapter.state_dict()
+    assert state.keys() == {k for k in unet if ".motion_modules." in k}
+    assert all(torch.equal(state[k], unet[k]) for k in state)
+    with pytest.raises(SystemExit, match="BrushNetModel"):
+        load_motion_adapter(str(reference / "tiny_stage1" / "brushnet"))

@@ -6,7 +6,8 @@ import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from diffueraser.trainer import TextEmbedder, diffusion_inputs, diffusion_loss, encode_latents, training_step
+from diffueraser.trainer import (TextEmbedder, diffusion_inputs, diffusion_loss, encode_latents, half_precision_norms,
+                                 training_step)
 from libs.brushnet_CA import BrushNetModel
 from libs.unet_2d_condition import UNet2DConditionModel
 from libs.unet_motion_model import UNetMotionModel
@@ -85,7 +86,7 @@ def tiny_batch(b=1, f=2, r=32, seed=0):
 
 
 def step_loss_and_grads(reference, tmp_path, stage, *, checkpointing=False, channels_last=False, dtype=None,
-                        vae_batch_size=0):
+                        vae_batch_size=0, fast_norms=False):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -108,6 +109,8 @@ def step_loss_and_grads(reference, tmp_path, stage, *, checkpointing=False, chan
             m.enable_gradient_checkpointing()
         if channels_last:
             m.to(memory_format=torch.channels_last)
+        if fast_norms:
+            half_precision_norms(m)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     torch.manual_seed(1)
     with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
@@ -136,7 +139,13 @@ def test_speed_options_keep_numerics(reference, tmp_path, stage):
     assert_close(step_loss_and_grads(reference, tmp_path, stage, checkpointing=True), plain, 1e-5, 1e-6)
     assert_close(step_loss_and_grads(reference, tmp_path, stage, channels_last=True), plain, 1e-4, 1e-6)
     # bf16 autocast: 8 mantissa bits, errors of a few 1e-3 per op compound through the nets.
-    assert_close(step_loss_and_grads(reference, tmp_path, stage, dtype=torch.bfloat16), plain, 0.1, 0.05)
+    bf16 = step_loss_and_grads(reference, tmp_path, stage, dtype=torch.bfloat16)
+    assert_close(bf16, plain, 0.1, 0.05)
+    # half-precision norms under bf16 autocast: no further from fp32 than plain bf16 autocast is
+    fast = step_loss_and_grads(reference, tmp_path, stage, dtype=torch.bfloat16, fast_norms=True)
+    assert_close(fast, plain, 0.1, 0.05)
+    # ...and in fp32 they are exactly the plain norms
+    assert_close(step_loss_and_grads(reference, tmp_path, stage, fast_norms=True), plain, 1e-6, 1e-7)
 
 
 def test_text_embeddings_cached():
