@@ -10,6 +10,7 @@ import warnings
 import cv2
 import numpy as np
 import torch
+from accelerate.logging import get_logger
 from PIL import Image
 
 FRAME_EXTS = (".jpg", ".jpeg", ".png")
@@ -168,3 +169,52 @@ def validate_clip(pipeline, clip, out_dir, step, seed, trackers, num_inference_s
     log_to_trackers(trackers, name, strips, step)
     return name, gif_path, strips
 
+
+logger = get_logger("diffueraser")
+
+
+class Validator:
+    """Runs the stage's sampler on the validation clips and writes GIFs; never stops training."""
+
+    def __init__(self, args, stage):
+        self.args, self.stage, self.clips = args, stage, []
+        images = parse_path_list(args.validation_image) if args.validation_image else []
+        masks = parse_path_list(args.validation_mask) if args.validation_mask else []
+        if len(images) != len(masks):
+            logger.warning(f"--validation_image has {len(images)} entries, --validation_mask {len(masks)}: "
+                           "validation is off")
+            return
+        for image_dir, mask_dir in zip(images, masks):
+            try:
+                frames, hole_masks = load_validation_clip(image_dir, mask_dir, args.num_validation_frames,
+                                                          args.resolution)
+                self.clips.append(dict(name=os.path.basename(os.path.normpath(image_dir)),
+                                       frames=frames, masks=hole_masks))
+            except Exception as e:  # a bad path costs the preview, not the run
+                logger.warning(f"validation clip {image_dir}: {e}; skipped")
+
+    def __call__(self, accelerator, models, step):
+        if not self.clips or self.stage.pipeline_cls is None:
+            return
+        unet, brushnet, vae, text_encoder, tokenizer, scheduler = models
+        unet, brushnet = accelerator.unwrap_model(unet), accelerator.unwrap_model(brushnet)
+        modes = [(m, m.training) for m in (unet, brushnet)]
+        try:
+            pipe = self.stage.pipeline_cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                           brushnet=brushnet, scheduler=scheduler)
+            prompts = _prompts(self.args.validation_prompt, len(self.clips))
+            clips = [dict(c, prompt=p) for c, p in zip(self.clips, prompts)]
+            out_dir = os.path.join(self.args.output_dir, self.args.logging_dir, "samples")
+            with accelerator.autocast():
+                run_validation(pipe, clips, out_dir, step, seed=self.args.seed or 0, trackers=accelerator.trackers,
+                               num_inference_steps=self.args.validation_inference_steps)
+        except Exception as e:
+            logger.error(f"validation at step {step} failed: {type(e).__name__}: {e}; training goes on")
+        finally:
+            for m, was_training in modes:
+                m.train(was_training)
+
+
+def _prompts(spec, n):
+    prompts = parse_path_list(spec) if spec else []
+    return (prompts + [prompts[-1] if prompts else "clean background"] * n)[:n]
