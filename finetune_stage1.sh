@@ -3,7 +3,7 @@
 # Every path can be set from the environment, e.g.  WEIGHTS=/data/weights DAVIS=/data/DAVIS bash finetune_stage1.sh
 # Extra arguments are passed to the training script, e.g.  bash finetune_stage1.sh --max_train_steps 100
 set -euo pipefail
-cd "$(dirname "$0")"
+REPO=$(cd "$(dirname "$0")" && pwd)   # paths below stay relative to where you run it
 WEIGHTS=${WEIGHTS:-weights}
 BASE_MODEL=${BASE_MODEL:-$WEIGHTS/stable-diffusion-v1-5}
 VAE=${VAE:-$WEIGHTS/sd-vae-ft-mse}
@@ -22,8 +22,10 @@ mkdir -p "$OUTPUT_DIR"
 LOG="$OUTPUT_DIR/train_stage1.log"
 echo "logging to $LOG"
 
-accelerate launch ${ACCELERATE_CONFIG:+--config_file "$ACCELERATE_CONFIG"} --mixed_precision fp16 \
-  train_DiffuEraser_stage1.py \
+# Ctrl-C or `kill <this script>`: the trainer finishes its step, saves a checkpoint and exits
+# cleanly; the launcher and tee ignore the signals, so they wait for it and log everything.
+(trap '' INT TERM; exec accelerate launch ${ACCELERATE_CONFIG:+--config_file "$ACCELERATE_CONFIG"} --mixed_precision fp16 \
+  "$REPO/train_DiffuEraser_stage1.py" \
   --base_model_name_or_path "$BASE_MODEL" \
   --vae_path "$VAE" \
   ${PRETRAINED_STAGE1:+--pretrained_stage1_path "$PRETRAINED_STAGE1"} \
@@ -46,4 +48,8 @@ accelerate launch ${ACCELERATE_CONFIG:+--config_file "$ACCELERATE_CONFIG"} --mix
   --seed 42 \
   --resume_from_checkpoint latest \
   --report_to tensorboard \
-  "$@" 2>&1 | tee -a "$LOG"
+  "$@") > >(trap '' INT TERM; exec tee -a "$LOG") 2>&1 &
+PID=$!
+trap 'trap "" INT TERM; kill -TERM 0 2>/dev/null; wait $PID; exit $?' TERM
+trap 'trap "" INT TERM; wait $PID; exit $?' INT
+wait $PID

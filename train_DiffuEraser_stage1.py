@@ -7,12 +7,14 @@ See train.md for the full recipe.
 import os
 
 from diffueraser.args import build_parser, check_args
+from diffueraser.convert import load_unet2d
 from diffueraser.trainer import Stage, train
 
 
 def add_stage1_args(parser):
     parser.add_argument("--pretrained_stage1_path", type=str, default=None,
-                        help="Start from a converted stage-1 folder (unet_main/ + brushnet/).")
+                        help="Start from a converted stage-1 folder (unet_main/ + brushnet/), or the released "
+                             "DiffuEraser folder (its stage-2 unet_main/ gives the spatial layers).")
     parser.add_argument("--brushnet_model_name_or_path", type=str, default=None,
                         help="Start BrushNet from this folder (else it is built from the UNet).")
     return parser
@@ -23,8 +25,8 @@ def build_models(args):
     from libs.brushnet_CA import BrushNetModel
     from libs.unet_2d_condition import UNet2DConditionModel
 
-    if args.pretrained_stage1_path:
-        unet = UNet2DConditionModel.from_pretrained(os.path.join(args.pretrained_stage1_path, "unet_main"))
+    if args.pretrained_stage1_path:  # a converted stage-1 folder or the released DiffuEraser one
+        unet = load_unet2d(os.path.join(args.pretrained_stage1_path, "unet_main"))
         brushnet = BrushNetModel.from_pretrained(os.path.join(args.pretrained_stage1_path, "brushnet"))
     else:
         unet = UNet2DConditionModel.from_pretrained(args.base_model_name_or_path, subfolder="unet",

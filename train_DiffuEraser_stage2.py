@@ -7,12 +7,13 @@ BrushNet and every spatial UNet layer stay frozen. See train.md for the full rec
 import os
 
 from diffueraser.args import build_parser, check_args
+from diffueraser.convert import load_unet2d
 from diffueraser.trainer import Stage, train
 
 
 def add_stage2_args(parser):
     parser.add_argument("--pretrained_stage1", type=str, required=True,
-                        help="Converted stage-1 folder (unet_main/ + brushnet/).")
+                        help="Converted stage-1 folder (unet_main/ + brushnet/), or the released DiffuEraser folder.")
     parser.add_argument("--motion_adapter_path", type=str, required=True,
                         help="AnimateDiff motion adapter folder (animatediff-motion-adapter-v1-5-2), or a released "
                              "DiffuEraser stage-2 unet_main/ to start from its trained motion modules.")
@@ -54,10 +55,9 @@ def load_motion_adapter(path):
 def build_models(args):
     """Motion UNet with only its motion modules trainable; BrushNet frozen."""
     from libs.brushnet_CA import BrushNetModel
-    from libs.unet_2d_condition import UNet2DConditionModel
     from libs.unet_motion_model import UNetMotionModel
 
-    unet2d = UNet2DConditionModel.from_pretrained(os.path.join(args.pretrained_stage1, "unet_main"))
+    unet2d = load_unet2d(os.path.join(args.pretrained_stage1, "unet_main"))
     unet = UNetMotionModel.from_unet2d(unet2d, load_motion_adapter(args.motion_adapter_path))
     unet.freeze_unet2d_params()
     brushnet = BrushNetModel.from_pretrained(os.path.join(args.pretrained_stage1, "brushnet"))
@@ -77,7 +77,8 @@ def main(argv=None):
             parser.error(f"--pretrained_stage1: {args.pretrained_stage1} has no {sub}/config.json")
     if not os.path.isfile(os.path.join(args.motion_adapter_path, "config.json")):
         parser.error(f"--motion_adapter_path: {args.motion_adapter_path} has no config.json")
-    return train(args, Stage("stage2", build_models, pipeline_cls()))
+    return train(args, Stage("stage2", build_models, pipeline_cls(),
+                             frozen_sources=lambda a: {"brushnet": os.path.join(a.pretrained_stage1, "brushnet")}))
 
 
 if __name__ == "__main__":

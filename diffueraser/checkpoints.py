@@ -6,6 +6,7 @@ disk is never taken for the latest one. Inside, accelerate's own layout is kept 
 original DiffuEraser scripts): `model.safetensors` holds the first prepared model (the UNet),
 `model_1.safetensors` the second (BrushNet, stage 1 only), plus optimizer, LR schedule and RNG.
 """
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,12 @@ from safetensors.torch import load_file
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MODEL_FILES = ("model.safetensors", "model_1.safetensors")
+COMPLETE = "checkpoint_complete.json"  # written last, before the rename; DeepSpeed saves no MODEL_FILES
+
+
+def is_complete(path):
+    """Ours carry the marker; the original scripts' checkpoints at least their model file."""
+    return os.path.isfile(os.path.join(path, COMPLETE)) or os.path.isfile(os.path.join(path, MODEL_FILES[0]))
 
 
 def list_checkpoints(output_dir):
@@ -24,7 +31,7 @@ def list_checkpoints(output_dir):
     for name in os.listdir(output_dir):
         m = CHECKPOINT_RE.match(name)
         path = os.path.join(output_dir, name)
-        if m and os.path.isfile(os.path.join(path, MODEL_FILES[0])):
+        if m and is_complete(path):
             found.append((int(m.group(1)), path))
     return sorted(found)
 
@@ -40,11 +47,11 @@ def resolve_checkpoint(spec, output_dir):
     if spec == "latest":
         return find_latest_checkpoint(output_dir)
     for path in (spec, os.path.join(output_dir, spec)):
-        if os.path.isfile(os.path.join(path, MODEL_FILES[0])):
+        if is_complete(path):
             return path
         if os.path.isdir(path) and list_checkpoints(path):
             return find_latest_checkpoint(path)
-    raise FileNotFoundError(f"{spec}: not a checkpoint folder (no {MODEL_FILES[0]}) nor a run folder with one")
+    raise FileNotFoundError(f"{spec}: not a complete checkpoint folder nor a run folder with one")
 
 
 def checkpoint_step(path):
@@ -60,21 +67,32 @@ def save_checkpoint(accelerator, output_dir, step, total_limit=None):
     partial = final + ".partial"
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
-        if total_limit is not None:
-            prune_checkpoints(output_dir, total_limit - 1)
     accelerator.wait_for_everyone()
     accelerator.save_state(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        with open(os.path.join(partial, COMPLETE), "w") as f:
+            json.dump({"step": step}, f)
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(partial, final)
+        if total_limit is not None:  # only once the new one is complete
+            prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
 
 
+def abandon_newer_checkpoints(output_dir, step):
+    """Resuming from an older checkpoint: rename the newer ones so `latest` and pruning skip them."""
+    for newer_step, path in list_checkpoints(output_dir):
+        if newer_step > step:
+            os.replace(path, f"{path}.abandoned-at-{step}")
+            print(f"{path} is newer than the resumed checkpoint: renamed to {path}.abandoned-at-{step}")
+
+
 def prune_checkpoints(output_dir, keep):
-    """Delete the oldest complete checkpoints so at most `keep` remain, and any stale partial ones."""
+    """Delete the oldest complete checkpoints so at most `keep` remain, and any stale partial ones
+    (the current save's own `.partial` is already renamed when this runs)."""
     for name in os.listdir(output_dir):
         if name.startswith("checkpoint-") and name.endswith(".partial"):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
@@ -91,5 +109,6 @@ def load_checkpoint_models(path):
         if os.path.isfile(file):
             states.append(load_file(file))
     if not states:
-        raise FileNotFoundError(f"{path}: no {MODEL_FILES[0]} (not an accelerate checkpoint)")
+        raise FileNotFoundError(f"{path}: no {MODEL_FILES[0]} (a DeepSpeed checkpoint? convert it with "
+                                "DeepSpeed's zero_to_fp32.py, or resume and let the run write final folders)")
     return states

@@ -94,3 +94,27 @@ def model_config_dir(checkpoint, name):
     """`<run>/model_config/<name>` if the training core wrote it, else None."""
     path = os.path.join(os.path.dirname(os.path.normpath(checkpoint)), "model_config", name)
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def load_unet2d(folder):
+    """The 2D UNet of a `unet_main/` folder: a UNet2DConditionModel as saved, or the spatial layers
+    of a UNetMotionModel (a released DiffuEraser `unet_main/`), without its motion modules."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    from libs.unet_2d_condition import UNet2DConditionModel
+
+    config = dict(UNet2DConditionModel.load_config(folder))
+    if config.get("_class_name") != "UNetMotionModel":
+        return UNet2DConditionModel.from_pretrained(folder)
+    for key in ("down_block_types", "up_block_types"):
+        config[key] = [t.replace("Motion", "2D") for t in config[key]]
+    # keys only the motion UNet has (its spatial heads are attention_head_dim, as in SD1.5)
+    config = {k: v for k, v in config.items() if not k.startswith(("motion_", "use_motion", "_")) and k not in (
+        "num_attention_heads", "conditioning_channels", "conditioning_embedding_out_channels")}
+    unet = UNet2DConditionModel.from_config(config)
+    state = {}
+    for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        state.update({k: v for k, v in load_file(file).items() if ".motion_modules." not in k})
+    return load_strict(unet, state, folder)

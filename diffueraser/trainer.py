@@ -9,7 +9,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from diffueraser.checkpoints import checkpoint_step, resolve_checkpoint, save_checkpoint
+from diffueraser.checkpoints import (abandon_newer_checkpoints, checkpoint_step, find_latest_checkpoint,
+                                     resolve_checkpoint, save_checkpoint)
 from diffueraser.validation import Validator
 
 logger = get_logger("diffueraser")
@@ -33,10 +36,13 @@ class Stage:
     build_models(args) -> (unet, brushnet) with `requires_grad` already set on what trains.
     pipeline_cls: the validation sampler class, built as pipeline_cls(vae=, text_encoder=,
     tokenizer=, unet=, brushnet=, scheduler=).
+    frozen_sources(args) -> {"brushnet": folder}: where a frozen model was loaded from; the final
+    folder is a copy of it (the model itself runs in half precision).
     """
     name: str
     build_models: Callable
     pipeline_cls: Callable = None
+    frozen_sources: Callable = None
 
 
 # ----------------------------------------------------------------------------- frozen models
@@ -164,7 +170,7 @@ def make_accelerator(args):
     report_to = None if args.report_to in (None, "none") else args.report_to
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=report_to,
+        log_with=report_to, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     if args.seed is not None:
@@ -285,16 +291,19 @@ class StopRequest:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second signal: stop now
+        # The same stop often arrives twice (terminal group + launcher); a later one means "now".
+        if self.requested and time.monotonic() - self.requested > 5:
             raise KeyboardInterrupt
-        self.requested = True
+        if self.requested:
+            return
+        self.requested = time.monotonic()
         tqdm.write(f"signal {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
 
     def agreed(self, accelerator):
         """True on every process if any process was asked to stop."""
         if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+            return bool(self.requested)
+        flag = torch.tensor([float(bool(self.requested))], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
@@ -307,11 +316,16 @@ def save_run_info(args, unet, brushnet):
                   f, indent=1)
 
 
-def save_final_models(accelerator, unet, brushnet, output_dir):
+def save_final_models(accelerator, unet, brushnet, output_dir, frozen_sources=None):
     """Ready-to-use `unet_main/` and `brushnet/` folders (and `motion_modules/` for a motion UNet)."""
     unet, brushnet = accelerator.unwrap_model(unet), accelerator.unwrap_model(brushnet)
-    unet.save_pretrained(os.path.join(output_dir, "unet_main"))
-    brushnet.save_pretrained(os.path.join(output_dir, "brushnet"))
+    for name, model in (("unet_main", unet), ("brushnet", brushnet)):
+        target = os.path.join(output_dir, name)
+        if not is_trained(model) and name in (frozen_sources or {}):
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(frozen_sources[name], target)
+        else:
+            model.save_pretrained(target)
     if hasattr(unet, "save_motion_modules"):
         unet.save_motion_modules(os.path.join(output_dir, "motion_modules"))
     tqdm.write(f"final weights: {output_dir}/unet_main, {output_dir}/brushnet")
@@ -336,6 +350,9 @@ def prepare(accelerator, args, stage, tokenizer):
             m.to(accelerator.device, dtype=weight_dtype)
     *trained, optimizer, dataloader = accelerator.prepare(*trained, optimizer, dataloader)
     unet, brushnet = [trained.pop(0) if is_trained(m) else m for m in (unet, brushnet)]
+    if len(dataloader) == 0:
+        raise SystemExit(f"the dataset has {len(dataloader.dataset)} clips, fewer than --train_batch_size "
+                         f"{args.train_batch_size} x {accelerator.num_processes} process(es)")
     # Epochs are counted after prepare() split the data between processes.
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
@@ -361,7 +378,12 @@ def resume(accelerator, args):
         return 0
     accelerator.print(f"resuming from {path}")
     accelerator.load_state(path)
-    return checkpoint_step(path)
+    step = checkpoint_step(path)
+    if accelerator.is_main_process and os.path.abspath(path) != os.path.abspath(
+            find_latest_checkpoint(args.output_dir) or path):
+        abandon_newer_checkpoints(args.output_dir, step)
+    accelerator.wait_for_everyone()
+    return step
 
 
 def update(accelerator, args, state, loss, params, optimizer, lr_scheduler):
@@ -423,9 +445,8 @@ def train(args, stage):
     first_epoch = global_step // steps_per_epoch
     skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
     trained = [m for m in (unet, brushnet) if is_trained(m)]
-    for epoch in range(first_epoch, args.num_train_epochs):
-        if state["step"] >= args.max_train_steps:
-            break
+    epoch = first_epoch
+    while state["step"] < args.max_train_steps:  # skipped (non-finite) updates do not count as steps
         if hasattr(dataloader, "set_epoch"):
             dataloader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
@@ -454,12 +475,14 @@ def train(args, stage):
                 return state["step"]
             if state["step"] >= args.max_train_steps:
                 break
+        epoch += 1
     global_step = state["step"]
     progress.close()
     accelerator.wait_for_everyone()
     if global_step % args.checkpointing_steps:
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
     if accelerator.is_main_process:
-        save_final_models(accelerator, unet, brushnet, args.output_dir)
+        save_final_models(accelerator, unet, brushnet, args.output_dir,
+                          stage.frozen_sources(args) if stage.frozen_sources else None)
     accelerator.end_training()
     return global_step

@@ -235,3 +235,37 @@ def test_motion_modules_from_a_released_stage2_unet(reference):
     assert all(torch.equal(state[k], unet[k]) for k in state)
     with pytest.raises(SystemExit, match="BrushNetModel"):
         load_motion_adapter(str(reference / "tiny_stage1" / "brushnet"))
+
+
+def test_stage1_unet_from_a_released_stage2_unet(reference):
+    """--pretrained_stage1(_path) may name the released DiffuEraser folder, whose unet_main/ is a motion UNet."""
+    from diffueraser.convert import load_unet2d
+
+    unet = load_unet2d(str(reference / "tiny_stage2" / "unet_main"))   # built from tiny_stage1's UNet
+    expected = load_file(str(reference / "tiny_stage1" / "unet_main" / "diffusion_pytorch_model.safetensors"))
+    state = unet.state_dict()
+    assert type(unet).__name__ == "UNet2DConditionModel" and state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_shell_script_sigterm_saves_and_exits(assets, tmp_path):
+    """`kill <finetune_stage1.sh>`: the trainer saves a checkpoint, the log has it all, exit 0."""
+    out = tmp_path / "out"
+    env = {**os.environ, "BASE_MODEL": str(assets / "sd"), "VAE": str(assets / "sd"), "DAVIS": str(assets / "DAVIS"),
+           "YTBV": str(assets / "YTVOS"), "OUTPUT_DIR": str(out)}
+    extra = ["--mixed_precision", "no", "--resolution", "64", "--nframes", "2", "--dataloader_num_workers", "0",
+             "--max_train_steps", "100000", "--validation_steps", "100000", "--validation_inference_steps", "1",
+             "--report_to", "none"]
+    proc = subprocess.Popen(["bash", str(REPO / "finetune_stage1.sh"), *extra], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = out / "train_stage1.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and "steps/epoch" not in (
+            log.read_text() if log.exists() else ""):
+        time.sleep(0.5)
+    time.sleep(3)  # a few training steps
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "stopped at step" in text and "resume with --resume_from_checkpoint latest" in text
+    assert list_checkpoints(str(out)), text[-2000:]
