@@ -61,14 +61,18 @@ def convert(checkpoint, output_dir, unet_cls, brushnet_cls, unet_config, brushne
         brushnet = None
     else:
         raise SystemExit(f"{checkpoint}: no {MODEL_FILES[1]} and no BrushNet folder to take it from")
+    staging = os.path.join(output_dir, ".converting")  # written in full first, then moved in place
+    shutil.rmtree(staging, ignore_errors=True)
+    unet.save_pretrained(os.path.join(staging, "unet_main"))
+    if brushnet is not None:
+        brushnet.save_pretrained(os.path.join(staging, "brushnet"))
+    else:
+        shutil.copytree(brushnet_fallback, os.path.join(staging, "brushnet"))
     for target in targets:
         if os.path.exists(target):
             shutil.rmtree(target)
-    unet.save_pretrained(targets[0])
-    if brushnet is not None:
-        brushnet.save_pretrained(targets[1])
-    else:
-        shutil.copytree(brushnet_fallback, targets[1])
+        os.replace(os.path.join(staging, os.path.basename(target)), target)
+    os.rmdir(staging)
     print(f"{checkpoint} -> {targets[0]}, {targets[1]}")
     return targets
 

@@ -5,6 +5,7 @@ pipeline validates) through a `Stage`; everything else lives here: frozen models
 step, the loop, checkpoints, validation and the final save. Trained/frozen is decided from
 `requires_grad`, never from the stage name.
 """
+import datetime
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from diffueraser.checkpoints import (abandon_newer_checkpoints, checkpoint_step, find_latest_checkpoint,
@@ -171,6 +172,8 @@ def make_accelerator(args):
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=report_to, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # validation and checkpoint writes run on the main process while the others wait
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))],
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     if args.seed is not None:

@@ -41,5 +41,23 @@ def test_resolve_user_paths(tmp_path):
     assert resolve_checkpoint("checkpoint-7", str(run)) == str(run / "checkpoint-7")
     assert resolve_checkpoint(str(run), "elsewhere") == str(ckpt)          # a run folder: its latest
     assert checkpoint_step(str(ckpt) + "/") == 7
-    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint folder"):
         resolve_checkpoint(str(tmp_path / "missing"), str(run))
+
+
+def test_marker_makes_a_checkpoint_complete_without_model_files(tmp_path):
+    """DeepSpeed writes no model.safetensors; our completion marker is what counts."""
+    path = make(tmp_path, "checkpoint-5", complete=False)
+    assert find_latest_checkpoint(str(tmp_path)) is None
+    (path / "checkpoint_complete.json").write_text('{"step": 5}')
+    assert find_latest_checkpoint(str(tmp_path)) == str(path)
+
+
+def test_abandon_newer_checkpoints(tmp_path):
+    from diffueraser.checkpoints import abandon_newer_checkpoints
+
+    for step in (2, 4, 6):
+        make(tmp_path, f"checkpoint-{step}")
+    abandon_newer_checkpoints(str(tmp_path), 2)
+    assert find_latest_checkpoint(str(tmp_path)).endswith("checkpoint-2")
+    assert (tmp_path / "checkpoint-6.abandoned-at-2").is_dir()
