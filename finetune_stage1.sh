@@ -4,6 +4,7 @@
 # Extra arguments are passed to the training script, e.g.  bash finetune_stage1.sh --max_train_steps 100
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")" && pwd)   # paths below stay relative to where you run it
+source "$REPO/scripts/run_logged.sh"
 WEIGHTS=${WEIGHTS:-weights}
 BASE_MODEL=${BASE_MODEL:-$WEIGHTS/stable-diffusion-v1-5}
 VAE=${VAE:-$WEIGHTS/sd-vae-ft-mse}
@@ -15,16 +16,14 @@ ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}        # e.g. configs/accelerate_2gpu.y
 VAL_IMAGES=${VAL_IMAGES:-"['$DAVIS/JPEGImages/480p/bear', '$DAVIS/JPEGImages/480p/boat']"}
 VAL_MASKS=${VAL_MASKS:-"['$DAVIS/Annotations/480p/bear', '$DAVIS/Annotations/480p/boat']"}
 
-for p in "$BASE_MODEL" "$VAE" "$DAVIS" "$YTBV" ${PRETRAINED_STAGE1:+"$PRETRAINED_STAGE1"} ${ACCELERATE_CONFIG:+"$ACCELERATE_CONFIG"}; do
-  [ -e "$p" ] || { echo "missing: $p (set WEIGHTS, BASE_MODEL, VAE, DAVIS, YTBV, PRETRAINED_STAGE1 or ACCELERATE_CONFIG)" >&2; exit 1; }
-done
+require_paths "WEIGHTS, BASE_MODEL, VAE, DAVIS, YTBV, PRETRAINED_STAGE1 or ACCELERATE_CONFIG" \
+  "$BASE_MODEL" "$VAE" "$DAVIS" "$YTBV" ${PRETRAINED_STAGE1:+"$PRETRAINED_STAGE1"} ${ACCELERATE_CONFIG:+"$ACCELERATE_CONFIG"}
 mkdir -p "$OUTPUT_DIR"
 LOG="$OUTPUT_DIR/train_stage1.log"
 echo "logging to $LOG"
 
-# Ctrl-C or `kill <this script>`: the trainer finishes its step, saves a checkpoint and exits
-# cleanly; the launcher and tee ignore the signals, so they wait for it and log everything.
-(trap '' INT TERM; exec accelerate launch ${ACCELERATE_CONFIG:+--config_file "$ACCELERATE_CONFIG"} --mixed_precision fp16 \
+# Ctrl-C or `kill <this script>`: the trainer saves a checkpoint and exits cleanly.
+run_logged "$LOG" accelerate launch ${ACCELERATE_CONFIG:+--config_file "$ACCELERATE_CONFIG"} --mixed_precision fp16 \
   "$REPO/train_DiffuEraser_stage1.py" \
   --base_model_name_or_path "$BASE_MODEL" \
   --vae_path "$VAE" \
@@ -48,8 +47,4 @@ echo "logging to $LOG"
   --seed 42 \
   --resume_from_checkpoint latest \
   --report_to tensorboard \
-  "$@") > >(trap '' INT TERM; exec tee -a "$LOG") 2>&1 &
-PID=$!
-trap 'trap "" INT TERM; kill -TERM 0 2>/dev/null; wait $PID; exit $?' TERM
-trap 'trap "" INT TERM; wait $PID; exit $?' INT
-wait $PID
+  "$@"
