@@ -18,8 +18,10 @@ from diffueraser.checkpoints import MODEL_FILES, load_checkpoint_models, resolve
 def find_checkpoint(input_dir):
     """A checkpoint folder, a run folder (its latest checkpoint) or `<run>/latest`."""
     run, leaf = os.path.split(os.path.normpath(input_dir))
-    spec = os.path.join(run, "latest") if leaf == "latest" else input_dir
-    path = resolve_checkpoint("latest", run) if leaf == "latest" else resolve_checkpoint(spec, ".")
+    try:
+        path = resolve_checkpoint("latest", run) if leaf == "latest" else resolve_checkpoint(input_dir, ".")
+    except FileNotFoundError as e:
+        raise SystemExit(f"--input_dir: {e}") from None
     if path is None:
         raise SystemExit(f"--input_dir: {input_dir}: no complete checkpoint-<step> folder found")
     return path

@@ -23,8 +23,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from diffueraser.checkpoints import (abandon_newer_checkpoints, checkpoint_step, find_latest_checkpoint,
-                                     resolve_checkpoint, save_checkpoint)
+from diffueraser.checkpoints import abandon_newer_checkpoints, checkpoint_step, resolve_checkpoint, save_checkpoint
 from diffueraser.validation import Validator
 
 logger = get_logger("diffueraser")
@@ -232,7 +231,7 @@ def configure_models(args, unet, brushnet):
                 m.enable_gradient_checkpointing()
             if args.channels_last:
                 m.to(memory_format=torch.channels_last)
-            if getattr(args, "fast_norms", False):
+            if args.fast_norms:
                 half_precision_norms(m)
             m.train()
         else:
@@ -382,8 +381,8 @@ def resume(accelerator, args):
     accelerator.print(f"resuming from {path}")
     accelerator.load_state(path)
     step = checkpoint_step(path)
-    if accelerator.is_main_process and os.path.abspath(path) != os.path.abspath(
-            find_latest_checkpoint(args.output_dir) or path):
+    in_this_run = os.path.samefile(os.path.dirname(os.path.abspath(path)), args.output_dir)
+    if accelerator.is_main_process and in_this_run:  # an older one of this run: set the newer aside
         abandon_newer_checkpoints(args.output_dir, step)
     accelerator.wait_for_everyone()
     return step
