@@ -65,7 +65,9 @@ def add_speed_args(parser):
     g.add_argument("--channels_last", action="store_true", help="channels_last memory format for the trained nets.")
     g.add_argument("--fast_norms", action="store_true",
                    help="Run GroupNorm/LayerNorm of the trained nets in half precision under mixed precision.")
-    g.add_argument("--compile", action="store_true", help="torch.compile the UNet and BrushNet.")
+    g.add_argument("--compile", type=int, nargs="?", const=1, default=None, choices=[0, 1],
+                   help="torch.compile the UNet, BrushNet and VAE encoder (default: on with CUDA, off on CPU; "
+                        "the first step then takes a few minutes to compile). --compile 0 turns it off.")
     g.add_argument("--cudnn_benchmark", type=int, default=1, choices=[0, 1],
                    help="Let cuDNN pick the fastest convolution kernels for the fixed clip shape.")
     g.add_argument("--vae_batch_size", type=int, default=0,

@@ -80,6 +80,20 @@ def test_sigterm_saves_and_resume_finishes(stage1_run):
         assert (out / name / "diffusion_pytorch_model.safetensors").is_file()
 
 
+def test_speed_defaults(stage1_run):
+    """compile follows the device (off on CPU, on with CUDA); the cuDNN switch reaches torch as a bool
+    (an int raised on every GPU run; the runs here now set it on CPU too, so they would fail)."""
+    from diffueraser.args import build_parser
+
+    info = json.loads((stage1_run["out"] / "run_info.json").read_text())
+    assert info["compile"] is False and info["cudnn_benchmark"] == 1
+    parse = build_parser("t", "out", 10).parse_args
+    base = ["--base_model_name_or_path", "sd"]
+    assert parse(base).compile is None
+    assert parse(base + ["--compile"]).compile == 1
+    assert parse(base + ["--compile", "0"]).compile == 0
+
+
 def test_converter_stage1(stage1_run, tmp_path):
     from libs.brushnet_CA import BrushNetModel
     from libs.unet_2d_condition import UNet2DConditionModel
