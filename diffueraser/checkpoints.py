@@ -6,6 +6,7 @@ disk is never taken for the latest one. Inside, accelerate's own layout is kept 
 original DiffuEraser scripts): `model.safetensors` holds the first prepared model (the UNet),
 `model_1.safetensors` the second (BrushNet, stage 1 only), plus optimizer, LR schedule and RNG.
 """
+import hashlib
 import json
 import os
 import re
@@ -61,8 +62,62 @@ def checkpoint_step(path):
     return int(m.group(1))
 
 
-def save_checkpoint(accelerator, output_dir, step, total_limit=None):
-    """Save the full training state as `output_dir/checkpoint-<step>` (atomically); returns its path."""
+def _fsync_tree(path):
+    """Flush a folder's files and the folder itself to disk (a rename is only as safe as this)."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fingerprint(folder, edge=8 << 20):
+    """A cheap identity of a weights folder: each weight file's name, size, and a hash of its first
+    and last 8 MB (the header and the data around it), so a re-converted or swapped model differs."""
+    found = {}
+    for name in sorted(os.listdir(folder)):
+        file = os.path.join(folder, name)
+        if not name.endswith((".safetensors", ".bin")) or not os.path.isfile(file):
+            continue
+        size = os.path.getsize(file)
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            h.update(f.read(edge))
+            if size > edge:
+                f.seek(max(edge, size - edge))
+                h.update(f.read(edge))
+        found[name] = f"{size}:{h.hexdigest()[:16]}"
+    return found
+
+
+def read_marker(path):
+    """The completion marker's content ({} for checkpoints written by the original scripts)."""
+    try:
+        with open(os.path.join(path, COMPLETE)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+
+
+def save_checkpoint(accelerator, output_dir, step, total_limit=None, marker=None):
+    """Save the full training state as `output_dir/checkpoint-<step>` (atomically, flushed to disk
+    before the rename); `marker` adds entries to its completion marker. Returns its path."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     partial = final + ".partial"
     if accelerator.is_main_process:
@@ -72,10 +127,12 @@ def save_checkpoint(accelerator, output_dir, step, total_limit=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(partial, COMPLETE), "w") as f:
-            json.dump({"step": step}, f)
+            json.dump({"step": step, **(marker or {})}, f, indent=1)
+        _fsync_tree(partial)  # a power cut after the rename must not leave a "complete" empty folder
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(partial, final)
+        _fsync_dir(output_dir)
         if total_limit is not None:  # only once the new one is complete
             prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()

@@ -23,7 +23,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from diffueraser.checkpoints import abandon_newer_checkpoints, checkpoint_step, resolve_checkpoint, save_checkpoint
+from diffueraser.checkpoints import (abandon_newer_checkpoints, checkpoint_step, fingerprint, read_marker,
+                                     resolve_checkpoint, save_checkpoint)
 from diffueraser.validation import Validator
 
 logger = get_logger("diffueraser")
@@ -370,14 +371,31 @@ def prepare(accelerator, args, stage, tokenizer):
     return unet, brushnet, optimizer, dataloader, lr_scheduler, steps_per_epoch, params
 
 
-def resume(accelerator, args):
-    """Restore the state named by --resume_from_checkpoint; returns the step to continue from."""
+def frozen_fingerprints(args, stage):
+    """{name: {"path", "files"}} of the folders the frozen models came from (stage 2: BrushNet)."""
+    sources = stage.frozen_sources(args) if stage.frozen_sources else {}
+    return {name: {"path": os.path.abspath(path), "files": fingerprint(path)} for name, path in sources.items()}
+
+
+def resume(accelerator, args, frozen=None):
+    """Restore the state named by --resume_from_checkpoint; returns the step to continue from.
+
+    A checkpoint only holds the trained models: a frozen one is loaded again from its folder, so
+    if that folder changed since the checkpoint was written (stage 2's BrushNet re-converted),
+    the run stops instead of silently pairing the checkpoint with another model.
+    """
     if not args.resume_from_checkpoint:
         return 0
     path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if path is None:
         accelerator.print(f"no checkpoint in {args.output_dir} yet: starting from step 0")
         return 0
+    saved = read_marker(path).get("frozen_sources", {})
+    for name, now in (frozen or {}).items():
+        if name in saved and saved[name]["files"] != now["files"]:
+            raise SystemExit(f"{path} was trained against the frozen {name} in {saved[name]['path']} as it was "
+                             f"then; {now['path']} now holds different weights. Point the run at the "
+                             f"{name} it was trained with, or start a new run (an output_dir without checkpoints).")
     accelerator.print(f"resuming from {path}")
     accelerator.load_state(path)
     step = checkpoint_step(path)
@@ -433,7 +451,9 @@ def train(args, stage):
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name,
                                   config={k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool))})
-    global_step = resume(accelerator, args)
+    frozen = frozen_fingerprints(args, stage) if stage.frozen_sources else {}
+    global_step = resume(accelerator, args, frozen)
+    marker = {"frozen_sources": frozen} if frozen else None
     validate = Validator(args, stage) if accelerator.is_main_process else None
     embed_text = TextEmbedder(text_encoder)
     stop = StopRequest()
@@ -471,7 +491,8 @@ def train(args, stage):
             accelerator.log(logs, step=state["step"])
             stopping = stop.agreed(accelerator)
             if state["step"] % args.checkpointing_steps == 0 or stopping:
-                path = save_checkpoint(accelerator, args.output_dir, state["step"], args.checkpoints_total_limit)
+                path = save_checkpoint(accelerator, args.output_dir, state["step"], args.checkpoints_total_limit,
+                                       marker)
                 accelerator.print(f"saved {path}")
             if validate and state["step"] % args.validation_steps == 0:
                 validate(accelerator, models, state["step"])
@@ -487,7 +508,7 @@ def train(args, stage):
     progress.close()
     accelerator.wait_for_everyone()
     if global_step % args.checkpointing_steps:
-        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, marker)
     if accelerator.is_main_process:
         save_final_models(accelerator, unet, brushnet, args.output_dir,
                           stage.frozen_sources(args) if stage.frozen_sources else None)

@@ -149,6 +149,38 @@ def stage2_run(assets, stage1_run, tmp_path_factory):
     return out
 
 
+def test_stage2_resume_checks_the_frozen_brushnet(assets, stage1_run, stage2_run, tmp_path):
+    """Checkpoints record the BrushNet folder's fingerprint; resuming against changed weights stops
+    with a message, resuming against the same ones goes on."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    shutil.copytree(stage2_run, out)
+    marker = json.loads((out / "checkpoint-2" / "checkpoint_complete.json").read_text())
+    assert marker["step"] == 2 and marker["frozen_sources"]["brushnet"]["files"]
+    changed = tmp_path / "stage1-reconverted"
+    for name in ("unet_main", "brushnet"):
+        shutil.copytree(stage1_run["out"] / name, changed / name)
+    weights = changed / "brushnet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    first = sorted(state)[0]
+    state[first] = state[first] + 1
+    save_file(state, str(weights), metadata={"format": "pt"})
+
+    def resume_with(stage1):
+        return run("train_DiffuEraser_stage2.py", [
+            *flags(assets, out, 3, nframes=4, resume_from_checkpoint="latest"),
+            "--pretrained_stage1", stage1, "--motion_adapter_path", assets / "adapter"], check=False)
+    proc = resume_with(changed)
+    assert proc.returncode != 0 and "now holds different weights" in proc.stderr, proc.stderr[-2000:]
+    assert str(changed / "brushnet") in proc.stderr
+    proc = resume_with(stage1_run["out"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout + proc.stderr and (out / "checkpoint-3").is_dir()
+
+
 def test_stage2_trains_motion_modules_only(stage1_run, stage2_run):
     stage1, out = stage1_run["out"], stage2_run
     before = load_file(str(stage1 / "unet_main" / "diffusion_pytorch_model.safetensors"))
