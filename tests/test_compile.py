@@ -17,7 +17,7 @@ def grads_of(block, run):
     return out.detach(), {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind", ["cross_attention_down_block", "motion_module"])
+@pytest.mark.parametrize("kind", ["cross_attention_down_block", "checkpointed_down_block", "motion_module"])
 def test_compiled_blocks_match_eager(kind):
     from libs.unet_2d_condition import UNet2DConditionModel
     from libs.unet_motion_model import MotionAdapter, UNetMotionModel
@@ -25,7 +25,7 @@ def test_compiled_blocks_match_eager(kind):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**TINY_UNET)
     x = torch.randn(4, 4, 16, 16)
-    if kind == "cross_attention_down_block":  # two resnets + two transformers (+ downsampler, eager)
+    if kind.endswith("down_block"):  # two resnets + two transformers (+ downsampler, eager)
         block, temb, text = unet.down_blocks[0], torch.randn(4, 16), torch.randn(4, 77, 20)
         def run(b):
             return b(x, temb, encoder_hidden_states=text)[0]
@@ -35,6 +35,9 @@ def test_compiled_blocks_match_eager(kind):
         def run(b):
             return b(x, num_frames=2)
     out, grads = grads_of(block, run)
+    if kind.startswith("checkpointed"):  # compiled blocks called inside activation checkpoints
+        unet.enable_gradient_checkpointing()
+        assert block.gradient_checkpointing
     compiled = compile_blocks(copy.deepcopy(block))
     assert any(getattr(m, "_compiled_call_impl", None) is not None for m in compiled.modules())
     out_c, grads_c = grads_of(compiled, run)
