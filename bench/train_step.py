@@ -146,12 +146,15 @@ def run_config(name, stage, opts, args, accelerator):
     baseline = opts.get("baseline")
     vae_chunk = frames if baseline else opts.get("vae_batch_size", 0)  # baseline: two VAE calls
 
-    def step():
+    def step(mark=lambda name: None):
         if baseline:  # the original: text encoder every step, gc + empty_cache every step
             embed.cache.clear()
         loss = training_step(batch, unet, brushnet, vae, embed, scheduler, dtype, vae_chunk)
+        mark("forward")
         accelerator.backward(loss)
+        mark("backward")
         update(accelerator, run_args, state, loss, params, optimizer, lr_scheduler)
+        mark("update")
         if baseline:
             for _ in range(5):
                 gc.collect()
@@ -179,8 +182,8 @@ def run_config(name, stage, opts, args, accelerator):
     if cuda:
         result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                       peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
-    if args.profile and cuda:
-        result["phases_ms"] = phase_times(step, vae, dict(brushnet=brushnet, unet=unet))
+    if args.profile:
+        result["phases_ms"] = phase_times(step, vae, dict(brushnet=brushnet, unet=unet), cuda)
     if args.kernel_table and cuda:
         result["kernel_table"] = kernel_table(step, f"{args.kernel_table}.{name}.txt")
     from torch.utils.flop_counter import FlopCounterMode
@@ -197,44 +200,64 @@ def run_config(name, stage, opts, args, accelerator):
     return result
 
 
-def phase_times(step, vae, modules, reps=3):
-    """Mean GPU ms per step spent in the VAE encode, in each module's forward, and in the rest
-    (backward + update). Hooks go on the top-level modules only (compiled blocks stay untouched)."""
-    events, hooks = {}, []
+class Clock:
+    """Time marks on the GPU stream (CUDA events) or, on CPU where ops run synchronously, the wall."""
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(self, a, b):
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def phase_times(step, vae, modules, cuda, reps=3):
+    """Mean ms per step in: the VAE encode, each trained/frozen net's forward, the rest of the
+    forward (text, noise, loss), backward, and the update (clip + optimizer + zero_grad). Hooks go
+    on the top-level modules only, so compiled blocks stay untouched."""
+    clock, spans, hooks = Clock(cuda), {}, []
     encode = vae.encode
 
     def timed_encode(*a, **k):
-        events.setdefault("vae", []).append([torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)])
-        events["vae"][-1][0].record()
+        begin = clock.mark()
         out = encode(*a, **k)
-        events["vae"][-1][1].record()
+        spans.setdefault("vae", []).append((begin, clock.mark()))
         return out
     vae.encode = timed_encode
     for name, module in modules.items():
-        module = getattr(module, "_orig_mod", module)
-        module = getattr(module, "module", module)
+        module = getattr(module, "module", module)  # DDP
         def pre(m, a, name=name):
-            events.setdefault(name, []).append([torch.cuda.Event(enable_timing=True), None])
-            events[name][-1][0].record()
+            spans.setdefault(name, []).append([clock.mark(), None])
         def post(m, a, o, name=name):
-            events[name][-1][1] = torch.cuda.Event(enable_timing=True)
-            events[name][-1][1].record()
+            spans[name][-1][1] = clock.mark()
         hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    total = 0.0
-    torch.cuda.synchronize()
-    for _ in range(reps):
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        total += start.elapsed_time(end)
-    for h in hooks:
-        h.remove()
-    del vae.encode
-    out = {name: sum(a.elapsed_time(b) for a, b in pairs if b is not None) / reps for name, pairs in events.items()}
-    out["step_total"] = total / reps
-    out["rest (backward + update)"] = out["step_total"] - sum(v for k, v in out.items() if k != "step_total")
+    marks = []
+    try:
+        clock.sync()
+        for _ in range(reps):
+            marks.append({"start": clock.mark()})
+            step(lambda name: marks[-1].__setitem__(name, clock.mark()))
+        clock.sync()
+    finally:
+        for h in hooks:
+            h.remove()
+        del vae.encode
+    out = {name: sum(clock.ms(a, b) for a, b in pairs) / reps for name, pairs in spans.items()}
+    mean = lambda a, b: sum(clock.ms(m[a], m[b]) for m in marks) / reps  # noqa: E731
+    out["forward_other"] = mean("start", "forward") - sum(out.values())
+    out["backward"] = mean("forward", "backward")
+    out["update"] = mean("backward", "update")
+    out["step_total"] = mean("start", "update")
     return out
 
 

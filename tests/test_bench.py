@@ -9,7 +9,7 @@ from tests.test_train_e2e import REPO
 def test_train_step_bench_tiny(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "bench/train_step.py", "--tiny", "--steps", "1", "--warmup", "0",
-                           "--configs", "s1-baseline,s1-default,s2-24GB", "--json", str(out)],
+                           "--configs", "s1-baseline,s1-default,s2-24GB", "--json", str(out), "--profile"],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
@@ -17,4 +17,9 @@ def test_train_step_bench_tiny(tmp_path):
     for r in results:
         assert r["median_s"] > 0 and r["tflop_per_step"] > 0 and r["trainable_params_M"] > 0
     assert results[0]["trainable_params_M"] > results[2]["trainable_params_M"]  # stage 2 trains motion only
+    for r in results:  # every phase was seen, once per step (the named spans fit inside the forward)
+        phases = r["phases_ms"]
+        assert {"vae", "brushnet", "unet", "forward_other", "backward", "update"} <= phases.keys()
+        assert all(phases[k] > 0 for k in ("vae", "brushnet", "unet", "backward", "update"))
+        assert phases["forward_other"] >= 0
     assert "s1-default" in proc.stdout
