@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from diffueraser.trainer import (  # noqa: E402
-    TextEmbedder, compile_blocks, configure_models, make_optimizer, place_frozen_encoders, training_step, update)
+    TextEmbedder, compile_models, configure_models, make_optimizer, place_frozen_encoders, training_step, update)
 
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
 SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -44,6 +44,7 @@ CONFIGS = {
     "s1-fast_norms": ("stage1", dict(fast_norms=True)),
     "s1-fast_norms+cl": ("stage1", dict(fast_norms=True, channels_last=True)),
     "s1-compile+cl": ("stage1", dict(compile=True, channels_last=True)),
+    "s1-compile_model": ("stage1", dict(compile=True, compile_scope="model")),
     "s1-compile+fast_norms": ("stage1", dict(compile=True, fast_norms=True)),
     "s1-24GB": ("stage1", dict(compile=False, gradient_checkpointing=True, use_8bit_adam=True, vae_batch_size=4)),
     "s2-baseline": ("stage2", dict(baseline=True)),
@@ -51,6 +52,7 @@ CONFIGS = {
     "s2-eager": ("stage2", dict(compile=False)),
     "s2-fast_norms": ("stage2", dict(fast_norms=True)),
     "s2-compile+cl": ("stage2", dict(compile=True, channels_last=True)),
+    "s2-compile_model": ("stage2", dict(compile=True, compile_scope="model")),
     "s2-24GB": ("stage2", dict(compile=False, gradient_checkpointing=True, vae_batch_size=4)),
 }
 FRAMES = {"stage1": 10, "stage2": 22}
@@ -119,6 +121,7 @@ def run_config(name, stage, opts, args, accelerator):
                                gradient_checkpointing=opts.get("gradient_checkpointing", False),
                                channels_last=opts.get("channels_last", False), scale_lr=False,
                                fast_norms=opts.get("fast_norms", False),
+                               compile_scope=opts.get("compile_scope", "blocks"),
                                learning_rate=5e-6, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2,
                                adam_epsilon=1e-8, use_8bit_adam=opts.get("use_8bit_adam", False),
                                fused_adam=0 if opts.get("baseline") else 1, train_batch_size=1,
@@ -135,8 +138,7 @@ def run_config(name, stage, opts, args, accelerator):
     *trained, optimizer = accelerator.prepare(*trained, optimizer)
     unet, brushnet = [trained.pop(0) if m not in frozen else m for m in (unet, brushnet)]
     if run_args.compile:
-        compile_blocks(unet)
-        compile_blocks(brushnet)
+        compile_models(run_args, unet, brushnet)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     frames, res = (2 if args.tiny else FRAMES[stage]), (32 if args.tiny else args.resolution)
     batch = synthetic_batch(frames, res, device)

@@ -242,6 +242,14 @@ def configure_models(args, unet, brushnet):
 COMPILED_BLOCKS = ("ResnetBlock2D", "Transformer2DModel", "AnimateDiffTransformer3D")
 
 
+def _allow_many_graphs():
+    config = torch._dynamo.config  # every block shape is its own graph: allow enough of them
+    for name, limit in (("cache_size_limit", 512), ("recompile_limit", 512), ("accumulated_recompile_limit", 4096),
+                        ("accumulated_cache_size_limit", 4096)):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), limit))
+
+
 def compile_blocks(model):
     """torch.compile every resnet, attention and motion block in place.
 
@@ -249,15 +257,22 @@ def compile_blocks(model):
     of that shape, so it compiles in a fraction of the time of a whole-model compile, and the
     state-dict keys stay those of the released checkpoints (no `_orig_mod.` prefix).
     """
-    config = torch._dynamo.config  # every block shape is its own graph: allow enough of them
-    for name, limit in (("cache_size_limit", 512), ("recompile_limit", 512), ("accumulated_recompile_limit", 4096),
-                        ("accumulated_cache_size_limit", 4096)):
-        if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), limit))
+    _allow_many_graphs()
     for module in model.modules():
         if type(module).__name__ in COMPILED_BLOCKS:
             module.compile(dynamic=False)  # one static graph per shape: the clip shape is fixed
     return model
+
+
+def compile_models(args, *models):
+    """`--compile_scope blocks`: every block (see compile_blocks); `model`: each model as a whole,
+    in place (keys unchanged; inside DDP the wrapped model)."""
+    for m in models:
+        if getattr(args, "compile_scope", "blocks") == "model":
+            _allow_many_graphs()
+            getattr(m, "module", m).compile(dynamic=False)
+        else:
+            compile_blocks(m)
 
 
 def make_optimizer(args, params, accelerator):
@@ -366,8 +381,7 @@ def prepare(accelerator, args, stage, tokenizer):
         num_training_steps=args.max_train_steps * accelerator.num_processes, num_cycles=args.lr_num_cycles,
         power=args.lr_power))
     if args.compile:
-        for m in (unet, brushnet):
-            compile_blocks(m)
+        compile_models(args, unet, brushnet)
     return unet, brushnet, optimizer, dataloader, lr_scheduler, steps_per_epoch, params
 
 
