@@ -62,12 +62,12 @@ def add_speed_args(parser):
     g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="Use xformers attention if installed (PyTorch SDPA is used otherwise; it is as fast).")
-    g.add_argument("--channels_last", action="store_true", help="channels_last memory format for the trained nets.")
+    g.add_argument("--channels_last", action="store_true", help="channels_last memory format for the UNet and BrushNet (measured slower; off).")
     g.add_argument("--fast_norms", action="store_true",
                    help="Run GroupNorm/LayerNorm of the trained nets in half precision under mixed precision.")
     g.add_argument("--compile", type=int, nargs="?", const=1, default=None, choices=[0, 1],
-                   help="torch.compile the UNet, BrushNet and VAE encoder (default: on with CUDA, off on CPU; "
-                        "the first step then takes a few minutes to compile). --compile 0 turns it off.")
+                   help="torch.compile the UNet, BrushNet and VAE encoder (default: on with CUDA, off on CPU and under "
+                        "DeepSpeed; the first step then takes a few minutes to compile). --compile 0 turns it off.")
     g.add_argument("--compile_scope", default="blocks", choices=["blocks", "model"],
                    help="What --compile compiles in the UNet and BrushNet: each block (default, measured) or each "
                         "whole model (longer compile, fusion across blocks; not yet measured on a GPU).")

@@ -63,14 +63,20 @@ def checkpoint_step(path):
 
 
 def _fsync_tree(path):
-    """Flush a folder's files and the folder itself to disk (a rename is only as safe as this)."""
+    """Flush a folder's files and the folder itself to disk (a rename is only as safe as this).
+    A filesystem that refuses fsync gets a warning, not a failed save."""
     for root, _, files in os.walk(path):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                print(f"warning: could not flush {path} to disk ({e}); the checkpoint is saved but a power "
+                      "cut right now could lose it")
+                return
         _fsync_dir(root)
 
 
@@ -89,7 +95,8 @@ def _fsync_dir(path):
 
 def fingerprint(folder, edge=8 << 20):
     """A cheap identity of a weights folder: each weight file's name, size, and a hash of its first
-    and last 8 MB (the header and the data around it), so a re-converted or swapped model differs."""
+    and last 8 MB (the header and the data around it), so a re-converted or swapped model differs.
+    Not a full hash: an edit in the middle of a large file that keeps its size goes unseen."""
     found = {}
     for name in sorted(os.listdir(folder)):
         file = os.path.join(folder, name)
@@ -111,7 +118,7 @@ def read_marker(path):
     try:
         with open(os.path.join(path, COMPLETE)) as f:
             return json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):  # none, or one left empty by a crash before fsync existed
         return {}
 
 

@@ -61,3 +61,32 @@ def test_abandon_newer_checkpoints(tmp_path):
     abandon_newer_checkpoints(str(tmp_path), 2)
     assert find_latest_checkpoint(str(tmp_path)).endswith("checkpoint-2")
     assert (tmp_path / "checkpoint-6.abandoned-at-2").is_dir()
+
+
+def test_fingerprint_sees_head_and_tail_changes(tmp_path):
+    """Size plus a hash of each weight file's first and last `edge` bytes; other files ignored."""
+    from diffueraser.checkpoints import fingerprint
+
+    data = bytearray(range(256)) * 40  # 10240 bytes: head, middle and tail with edge=1000
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(bytes(data))
+    (tmp_path / "config.json").write_text("{}")
+    base = fingerprint(str(tmp_path), edge=1000)
+    assert list(base) == ["diffusion_pytorch_model.safetensors"]
+    for offset, seen in ((10, True), (10240 - 10, True), (5000, False)):  # the middle is not read
+        changed = bytearray(data)
+        changed[offset] ^= 0xFF
+        (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(bytes(changed))
+        assert (fingerprint(str(tmp_path), edge=1000) != base) == seen, offset
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(bytes(data) + b"x")  # size
+    assert fingerprint(str(tmp_path), edge=1000) != base
+
+
+def test_empty_or_missing_marker_reads_as_none(tmp_path):
+    from diffueraser.checkpoints import read_marker
+
+    path = make(tmp_path, "checkpoint-3")
+    assert read_marker(str(path)) == {}
+    (path / "checkpoint_complete.json").write_text("")  # left empty by a crash
+    assert read_marker(str(path)) == {}
+    (path / "checkpoint_complete.json").write_text('{"step": 3, "frozen_sources": {}}')
+    assert read_marker(str(path)) == {"step": 3, "frozen_sources": {}}

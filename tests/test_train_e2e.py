@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -81,12 +82,23 @@ def test_sigterm_saves_and_resume_finishes(stage1_run):
 
 
 def test_speed_defaults(stage1_run):
-    """compile follows the device (off on CPU, on with CUDA); the cuDNN switch reaches torch as a bool
+    """compile follows the device (off on CPU, on with CUDA unless DeepSpeed); the cuDNN switch reaches torch as a bool
     (an int raised on every GPU run; the runs here now set it on CPU too, so they would fail)."""
     from diffueraser.args import build_parser
 
     info = json.loads((stage1_run["out"] / "run_info.json").read_text())
     assert info["compile"] is False and info["cudnn_benchmark"] == 1
+    from accelerate.utils import DistributedType
+
+    from diffueraser.trainer import resolve_compile
+
+    def acc(device, kind=DistributedType.NO):
+        return SimpleNamespace(device=torch.device(device), distributed_type=kind)
+    assert resolve_compile(None, acc("cuda")) is True
+    assert resolve_compile(None, acc("cuda", DistributedType.MULTI_GPU)) is True
+    assert resolve_compile(None, acc("cuda", DistributedType.DEEPSPEED)) is False
+    assert resolve_compile(None, acc("cpu")) is False
+    assert resolve_compile(1, acc("cpu")) is True and resolve_compile(0, acc("cuda")) is False
     parse = build_parser("t", "out", 10).parse_args
     base = ["--base_model_name_or_path", "sd"]
     assert parse(base).compile is None
