@@ -393,9 +393,8 @@ def prepare(accelerator, args, stage, tokenizer):
     return unet, brushnet, optimizer, dataloader, lr_scheduler, steps_per_epoch, params
 
 
-def frozen_fingerprints(args, stage):
+def frozen_fingerprints(sources):
     """{name: {"path", "files"}} of the folders the frozen models came from (stage 2: BrushNet)."""
-    sources = stage.frozen_sources(args) if stage.frozen_sources else {}
     return {name: {"path": os.path.abspath(path), "files": fingerprint(path)} for name, path in sources.items()}
 
 
@@ -472,7 +471,8 @@ def train(args, stage):
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name,
                                   config={k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool))})
-    frozen = frozen_fingerprints(args, stage) if stage.frozen_sources else {}
+    sources = stage.frozen_sources(args) if stage.frozen_sources else {}
+    frozen = frozen_fingerprints(sources)
     global_step = resume(accelerator, args, frozen)
     marker = {"frozen_sources": frozen} if frozen else None
     validate = Validator(args, stage) if accelerator.is_main_process else None
@@ -531,7 +531,6 @@ def train(args, stage):
     if global_step % args.checkpointing_steps:
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, marker)
     if accelerator.is_main_process:
-        save_final_models(accelerator, unet, brushnet, args.output_dir,
-                          stage.frozen_sources(args) if stage.frozen_sources else None)
+        save_final_models(accelerator, unet, brushnet, args.output_dir, sources)
     accelerator.end_training()
     return global_step

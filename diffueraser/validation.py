@@ -13,6 +13,7 @@ import torch
 from accelerate.logging import get_logger
 from PIL import Image
 
+logger = get_logger("diffueraser")
 FRAME_EXTS = (".jpg", ".jpeg", ".png")
 LOGGED_FRAMES = 4  # strips sent to the trackers per clip; the GIF on disk has every frame
 
@@ -168,9 +169,6 @@ def validate_clip(pipeline, clip, out_dir, step, seed, trackers, num_inference_s
     gif_path = save_gif(os.path.join(out_dir, f"sample-{step}", f"{name}.gif"), strips)
     log_to_trackers(trackers, name, strips, step)
     return name, gif_path, strips
-
-
-logger = get_logger("diffueraser")
 
 
 class Validator:
