@@ -71,6 +71,11 @@ def add_speed_args(parser):
     g.add_argument("--compile_scope", default="blocks", choices=["blocks", "model"],
                    help="What --compile compiles in the UNet and BrushNet: each block (default, measured) or each "
                         "whole model (longer compile, fusion across blocks; not yet measured on a GPU).")
+    g.add_argument("--cuda_graph", type=int, nargs="?", const=1, default=None, choices=[0, 1],
+                   help="Capture each step's forward + backward once as a CUDA graph and replay it, so the CPU no "
+                        "longer launches thousands of kernels per step (default: on with one CUDA process, "
+                        "--gradient_accumulation_steps 1, no --gradient_checkpointing, no DeepSpeed). "
+                        "--cuda_graph 0 turns it off.")
     g.add_argument("--cudnn_benchmark", type=int, default=1, choices=[0, 1],
                    help="Let cuDNN pick the fastest convolution kernels for the fixed clip shape.")
     g.add_argument("--vae_batch_size", type=int, default=0,

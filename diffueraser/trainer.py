@@ -161,7 +161,7 @@ def training_step(batch, unet, brushnet, vae, embed_text, noise_scheduler, weigh
     masks = batch["masks"].flatten(0, 1).to(latents.device)  # (B*F, 1, H, W)
     noise = torch.randn_like(latents)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=latents.device)
-    text_embeds = embed_text(batch["input_ids"])
+    text_embeds = batch["text_embeds"] if "text_embeds" in batch else embed_text(batch["input_ids"])
     return diffusion_loss(unet, brushnet, noise_scheduler, latents, conditioning_latents, masks, text_embeds,
                           noise, timesteps, f)
 
@@ -191,6 +191,86 @@ def resolve_compile(choice, accelerator):
     if choice is not None:
         return bool(choice)
     return accelerator.device.type == "cuda" and accelerator.distributed_type != DistributedType.DEEPSPEED
+
+
+def resolve_cuda_graph(choice, args, accelerator):
+    """--cuda_graph unset: on where a captured step is valid; asked for where it is not: an error."""
+    conflicts = [why for why, bad in (
+        ("it needs a CUDA device", accelerator.device.type != "cuda"),
+        ("several processes (DDP) all-reduce inside backward", accelerator.num_processes > 1),
+        ("DeepSpeed runs its own backward", accelerator.distributed_type == DistributedType.DEEPSPEED),
+        ("--gradient_accumulation_steps > 1 accumulates into the gradients", args.gradient_accumulation_steps > 1),
+        ("--gradient_checkpointing reads the RNG state on the host", args.gradient_checkpointing)) if bad]
+    if choice is None:
+        return not conflicts
+    if choice and conflicts:
+        raise SystemExit(f"--cuda_graph 1: {'; '.join(conflicts)}. Leave --cuda_graph unset or pass --cuda_graph 0.")
+    return bool(choice)
+
+
+class StepGraph:
+    """`fn(batch)` -- forward and backward, returning the loss -- captured once as a CUDA graph
+    and replayed for every later batch.
+
+    Launching the ~9,000 kernels of a stage-1 step from Python takes the CPU longer than the GPU
+    needs to run them (bench run 9: 277 ms of kernels in a 395 ms step); a replay launches them
+    all at once. The first `warmup` calls run `fn` as it is (they compile, let cuDNN pick its
+    kernels and settle the loss scale); the next one captures. Each batch is copied into the
+    buffers of the captured one, so it must have the same shapes. Random draws (noise,
+    timesteps, VAE sampling) are new at every replay. The gradients are written into the same
+    tensors at every replay and handed back to the parameters after it, since the optimizer's
+    `zero_grad` drops them. The loss comes back detached: a caller holding a warm-up step's
+    autograd graph would keep its gradient accumulators alive on the default stream, and a
+    capture that meets them is invalidated (a test that held one failed so on the H200, run 11).
+    """
+
+    def __init__(self, fn, params, warmup=3):
+        self.fn, self.params, self.warmup = fn, list(params), warmup
+        self.calls, self.graph, self.static, self.grads, self.loss = 0, None, None, None, None
+
+    def new_graph(self):
+        return torch.cuda.CUDAGraph()
+
+    def capturing(self, graph):
+        return torch.cuda.graph(graph)
+
+    def __call__(self, batch):
+        self.calls += 1
+        if self.calls <= self.warmup:
+            return self.fn(batch).detach()
+        if self.graph is None:
+            self.static = {k: v.clone() for k, v in batch.items() if torch.is_tensor(v)}
+            self.capture()
+        else:
+            self.load(batch)
+        self.graph.replay()
+        for p, g in zip(self.params, self.grads):
+            p.grad = g
+        return self.loss
+
+    def load(self, batch):
+        for key, buffer in self.static.items():
+            if batch[key].shape != buffer.shape:
+                raise ValueError(f"--cuda_graph: batch[{key!r}] has shape {tuple(batch[key].shape)}, the captured "
+                                 f"step {tuple(buffer.shape)}; every batch must have one shape (or --cuda_graph 0)")
+            buffer.copy_(batch[key], non_blocking=True)
+
+    def capture(self):
+        for p in self.params:  # captured backward then assigns fresh gradient tensors of its own
+            p.grad = None
+        import gc
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # the warm-up steps' cached blocks: the graph gets a pool of its own
+        self.graph = self.new_graph()
+        try:
+            with self.capturing(self.graph):
+                self.loss = self.fn(self.static).detach()
+        except Exception as e:
+            raise RuntimeError(f"capturing the training step as a CUDA graph failed ({type(e).__name__}: {e}); "
+                               "run with --cuda_graph 0 (resume with --resume_from_checkpoint latest)") from e
+        self.grads = [p.grad for p in self.params]
 
 
 def weight_dtype_of(accelerator):
@@ -462,6 +542,7 @@ def train(args, stage):
     """Run a stage from parsed and checked arguments."""
     accelerator = make_accelerator(args)
     args.compile = resolve_compile(args.compile, accelerator)
+    args.cuda_graph = resolve_cuda_graph(args.cuda_graph, args, accelerator)
     os.makedirs(args.output_dir, exist_ok=True)
     tokenizer, text_encoder, vae, noise_scheduler = load_frozen_models(args)
     weight_dtype = weight_dtype_of(accelerator)
@@ -478,6 +559,9 @@ def train(args, stage):
     validate = Validator(args, stage) if accelerator.is_main_process else None
     embed_text = TextEmbedder(text_encoder)
     stop = StopRequest()
+    if args.cuda_graph:
+        accelerator.print("CUDA graph is on: step 4 captures the forward + backward, later steps replay it; "
+                          "--cuda_graph 0 turns it off")
     if args.compile:
         accelerator.print("torch.compile is on: the first step and the first validation compile the blocks "
                           "(minutes, once per shape); --compile 0 turns it off")
@@ -493,6 +577,13 @@ def train(args, stage):
     first_epoch = global_step // steps_per_epoch
     skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
     trained = [m for m in (unet, brushnet) if is_trained(m)]
+
+    def forward_backward(batch):
+        loss = training_step(batch, unet, brushnet, vae, embed_text, noise_scheduler, weight_dtype,
+                             args.vae_batch_size)
+        accelerator.backward(loss)
+        return loss
+    step_fn = StepGraph(forward_backward, params) if args.cuda_graph else forward_backward
     epoch = first_epoch
     while state["step"] < args.max_train_steps:  # skipped (non-finite) updates do not count as steps
         if hasattr(dataloader, "set_epoch"):
@@ -500,10 +591,10 @@ def train(args, stage):
         batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         skip = 0
         for batch in batches:
+            # the caption's embedding outside any graph: its cache looks the ids up on the host
+            batch = dict(batch, text_embeds=embed_text(batch["input_ids"]))
             with accelerator.accumulate(*trained):
-                loss = training_step(batch, unet, brushnet, vae, embed_text, noise_scheduler, weight_dtype,
-                                     args.vae_batch_size)
-                accelerator.backward(loss)
+                loss = step_fn(batch)
                 if not update(accelerator, args, state, loss, params, optimizer, lr_scheduler):
                     continue
             progress.update(1)
