@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from diffueraser.trainer import (  # noqa: E402
-    TextEmbedder, compile_models, configure_models, make_optimizer, place_frozen_encoders, training_step, update)
+    StepGraph, TextEmbedder, compile_models, configure_models, make_optimizer, place_frozen_encoders, resolve_cuda_graph,
+    training_step, update)
 
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
 SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -37,20 +38,24 @@ SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_
 # original's per-step gc.collect()/empty_cache() put back, to show what each change buys.
 CONFIGS = {
     "s1-baseline": ("stage1", dict(baseline=True)),
-    "s1-default": ("stage1", dict()),  # the scripts' defaults: compiled on a GPU
-    "s1-eager": ("stage1", dict(compile=False)),
-    "s1-no_cudnn_benchmark": ("stage1", dict(compile=False, cudnn_benchmark=False)),
-    "s1-channels_last": ("stage1", dict(compile=False, channels_last=True)),
-    "s1-fast_norms": ("stage1", dict(compile=False, fast_norms=True)),
-    "s1-fast_norms+cl": ("stage1", dict(compile=False, fast_norms=True, channels_last=True)),
+    "s1-default": ("stage1", dict()),  # the scripts' defaults: compiled and CUDA-graphed on a GPU
+    "s1-eager": ("stage1", dict(compile=False, cuda_graph=False)),
+    "s1-compile": ("stage1", dict(compile=True, cuda_graph=False)),
+    "s1-graph_eager": ("stage1", dict(compile=False, cuda_graph=True)),
+    "s1-no_cudnn_benchmark": ("stage1", dict(compile=False, cuda_graph=False, cudnn_benchmark=False)),
+    "s1-channels_last": ("stage1", dict(compile=False, cuda_graph=False, channels_last=True)),
+    "s1-fast_norms": ("stage1", dict(compile=False, cuda_graph=False, fast_norms=True)),
+    "s1-fast_norms+cl": ("stage1", dict(compile=False, cuda_graph=False, fast_norms=True, channels_last=True)),
     "s1-compile+cl": ("stage1", dict(compile=True, channels_last=True)),
     "s1-compile_model": ("stage1", dict(compile=True, compile_scope="model")),
     "s1-compile+fast_norms": ("stage1", dict(compile=True, fast_norms=True)),
     "s1-24GB": ("stage1", dict(compile=False, gradient_checkpointing=True, use_8bit_adam=True, vae_batch_size=4)),
     "s2-baseline": ("stage2", dict(baseline=True)),
     "s2-default": ("stage2", dict()),
-    "s2-eager": ("stage2", dict(compile=False)),
-    "s2-fast_norms": ("stage2", dict(compile=False, fast_norms=True)),
+    "s2-eager": ("stage2", dict(compile=False, cuda_graph=False)),
+    "s2-compile": ("stage2", dict(compile=True, cuda_graph=False)),
+    "s2-graph_eager": ("stage2", dict(compile=False, cuda_graph=True)),
+    "s2-fast_norms": ("stage2", dict(compile=False, cuda_graph=False, fast_norms=True)),
     "s2-compile+cl": ("stage2", dict(compile=True, channels_last=True)),
     "s2-compile_model": ("stage2", dict(compile=True, compile_scope="model")),
     "s2-24GB": ("stage2", dict(compile=False, gradient_checkpointing=True, vae_batch_size=4)),
@@ -126,6 +131,7 @@ def run_config(name, stage, opts, args, accelerator):
                                adam_epsilon=1e-8, use_8bit_adam=opts.get("use_8bit_adam", False),
                                fused_adam=0 if opts.get("baseline") else 1, train_batch_size=1,
                                gradient_accumulation_steps=1, max_grad_norm=1.0, max_bad_steps=20)
+    graph = False if opts.get("baseline") else resolve_cuda_graph(opts.get("cuda_graph"), run_args, accelerator)
     torch.backends.cudnn.benchmark = bool(run_args.cudnn_benchmark)
     place_frozen_encoders(run_args, vae, text, device, dtype)
     configure_models(run_args, unet, brushnet)
@@ -148,12 +154,28 @@ def run_config(name, stage, opts, args, accelerator):
     baseline = opts.get("baseline")
     vae_chunk = frames if baseline else opts.get("vae_batch_size", 0)  # baseline: two VAE calls
 
-    def step(mark=lambda name: None):
+    def forward(b):
+        return training_step(b, unet, brushnet, vae, embed, scheduler, dtype, vae_chunk)
+
+    def forward_backward(b):
+        loss = forward(b)
+        accelerator.backward(loss)
+        return loss
+    graphed = StepGraph(forward_backward, params, warmup=max(0, args.warmup - 1)) if graph else None
+
+    def step(mark=lambda name: None, eager=False):
         if baseline:  # the original: text encoder every step, gc + empty_cache every step
             embed.cache.clear()
-        loss = training_step(batch, unet, brushnet, vae, embed, scheduler, dtype, vae_chunk)
-        mark("forward")
-        accelerator.backward(loss)
+            b = batch
+        else:  # as the training loop: the caption's embedding from the cache, outside any graph
+            b = dict(batch, text_embeds=embed(batch["input_ids"]))
+        if graphed and not eager:  # one replay: forward and backward
+            loss = graphed(b)
+            mark("forward")
+        else:
+            loss = forward(b)
+            mark("forward")
+            accelerator.backward(loss)
         mark("backward")
         update(accelerator, run_args, state, loss, params, optimizer, lr_scheduler)
         mark("update")
@@ -167,10 +189,12 @@ def run_config(name, stage, opts, args, accelerator):
         if cuda:
             torch.cuda.synchronize()
 
-    for _ in range(args.warmup):
+    for i in range(args.warmup):
+        if cuda and graph and i == args.warmup - 1:  # the capture: the graph's memory pool is filled here
+            torch.cuda.reset_peak_memory_stats()
         step()
     sync()
-    if cuda:
+    if cuda and not graph:
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.steps):
@@ -179,19 +203,20 @@ def run_config(name, stage, opts, args, accelerator):
         sync()
         times.append(time.perf_counter() - start)
     result = dict(config=name, stage=stage, frames=frames, resolution=res, options=opts,
+                  compiled=bool(run_args.compile), cuda_graph=graph,
                   median_s=statistics.median(times), min_s=min(times), max_s=max(times),
                   trainable_params_M=sum(p.numel() for p in params) / 1e6)
     if cuda:
         result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                       peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
-    if args.profile:
+    if args.profile and not graph:  # a replay runs no hooks: a graphed step has no phases
         result["phases_ms"] = phase_times(step, vae, dict(brushnet=brushnet, unet=unet), cuda)
     if args.kernel_table and cuda:
         result["kernel_table"] = kernel_table(step, f"{args.kernel_table}.{name}.txt")
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
-        step()  # compiled blocks run their eager code here, so the counter sees every op
+        step(eager=True)  # compiled blocks run their eager code here, so the counter sees every op
     result["tflop_per_step"] = counter.get_total_flops() / 1e12
     del unet, brushnet, vae, text, optimizer, params, trained, batch, embed
     accelerator.free_memory()
@@ -267,17 +292,25 @@ def phase_times(step, vae, modules, cuda, reps=3):
 
 
 def kernel_table(step, path, reps=2):
-    """torch.profiler's top GPU operators over `reps` steps, written to `path`."""
+    """torch.profiler's top GPU operators over `reps` steps, written to `path`, with the GPU's busy
+    time per step against the wall time (a gap means the GPU waited for the CPU); the chrome trace
+    goes beside it (`path` .json.gz)."""
     from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
+    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=60)
+    wall_ms = (time.perf_counter() - start) * 1e3 / reps
+    events = prof.key_averages()
+    busy_ms = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3 / reps
+    table = events.table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90)
     with open(path, "w") as f:
-        f.write(table)
-    return path
+        f.write(f"per step: wall {wall_ms:.1f} ms (profiled), GPU kernels {busy_ms:.1f} ms\n{table}")
+    prof.export_chrome_trace(path.replace(".txt", "") + ".trace.json")
+    return dict(path=path, wall_ms=wall_ms, gpu_busy_ms=busy_ms)
 
 
 def main(argv=None):
@@ -298,7 +331,7 @@ def main(argv=None):
 
     cuda = torch.cuda.is_available() and not args.tiny
     accelerator = Accelerator(mixed_precision=args.mixed_precision or ("fp16" if cuda else "no"), cpu=not cuda)
-    names = args.configs.split(",") if args.configs else [n for n in CONFIGS if not (args.tiny and "compile" in n)]  # CPU: no compile
+    names = args.configs.split(",") if args.configs else [n for n in CONFIGS if not (args.tiny and ("compile" in n or "graph" in n))]  # CPU: no compile, no graphs
     peak = matmul_peak_tflops(accelerator.device) if cuda else None
     results = []
     for name in names:
@@ -310,6 +343,10 @@ def main(argv=None):
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.set_per_process_memory_fraction(1.0)
+        except Exception as e:  # noqa: BLE001 -- one broken configuration must not lose the others
+            import traceback
+            traceback.print_exc()
+            r = dict(config=name, stage=stage, options=opts, error=f"{type(e).__name__}: {str(e)[:300]}")
         if "tflop_per_step" in r:
             r["achieved_tflops"] = r["tflop_per_step"] / r["median_s"]
             if peak:
