@@ -8,6 +8,7 @@ from diffusers import AutoencoderKL, DDPMScheduler
 
 from diffueraser.tiny import TINY_VAE, tiny_stage_models
 from diffueraser.trainer import StepGraph, denoise, diffusion_inputs, resolve_cuda_graph, training_step
+from tests.test_train_e2e import assets, flags  # noqa: F401 -- the tiny models and data of the end-to-end tests
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -37,14 +38,25 @@ def test_cuda_graph_default_and_conflicts():
 
 
 class RecordedGraph(StepGraph):
-    """The capture logic without a GPU: 'replay' runs the function again on the fixed buffers."""
+    """StepGraph's bookkeeping without a GPU. The 'capture' runs the function with the RNG state
+    put back afterwards (a real capture computes nothing); a 'replay' runs it again on the fixed
+    buffers and writes the loss and gradients into the captured tensors, as a real replay does."""
 
     def new_graph(self):
-        return SimpleNamespace(replay=lambda: setattr(self, "loss", self.fn(self.static).detach()))
+        def replay():
+            for p in self.params:
+                p.grad = None
+            self.loss.copy_(self.fn(self.static).detach())
+            for p, g in zip(self.params, self.grads):
+                if g is not None:
+                    g.copy_(p.grad)
+                p.grad = None  # a replay writes into the captured tensors, never sets .grad
+            self.replays += 1
+        self.replays = 0
+        return SimpleNamespace(replay=replay)
 
     def capturing(self, graph):
-        import contextlib
-        return contextlib.nullcontext()
+        return torch.random.fork_rng(devices=[])
 
 
 def test_step_graph_warms_up_then_replays_on_fixed_buffers():
@@ -68,6 +80,7 @@ def test_step_graph_warms_up_then_replays_on_fixed_buffers():
     w.grad = None  # as the optimizer's zero_grad(set_to_none=True) does
     out = graph(dict(x=torch.full((3,), 2.0)))
     assert out.item() == 6.0 and seen[-1] is graph.static["x"] and w.grad is graph.grads[0]
+    assert torch.equal(w.grad, torch.full((3,), 2.0))
     with pytest.raises(ValueError, match=r"batch\['x'\] has shape \(4,\)"):
         graph(dict(x=torch.zeros(4)))
 
@@ -155,3 +168,33 @@ def test_graphed_training_step_trains():
     assert len(set(losses[2:])) == 4  # the same batch, new noise and timesteps at every replay
     assert state["step"] >= 2  # updates made (the first fp16 steps may skip while the loss scale settles)
     assert any(not torch.equal(a, p) for a, p in zip(before, params))
+
+
+def test_training_loop_with_the_graph_trains_as_without(assets, tmp_path, monkeypatch):
+    """The real stage-1 loop (6 steps; step 4 captures, 5-6 replay) with the recorded stand-in for
+    the graph ends with exactly the weights of the same run without it: the batch copies, the
+    caption embedding outside the graph and the gradients handed back after each replay are right."""
+    import train_DiffuEraser_stage1 as stage1
+    from diffueraser import trainer
+    from safetensors.torch import load_file
+
+    graphs = []
+
+    class Recorded(RecordedGraph):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            graphs.append(self)
+    monkeypatch.setattr(trainer, "StepGraph", Recorded)
+    monkeypatch.setattr(trainer, "resolve_cuda_graph", lambda choice, args, accelerator: bool(choice))
+    weights = {}
+    for graph in (0, 1):
+        out = tmp_path / f"graph{graph}"
+        stage1.main([str(a) for a in flags(assets, out, 6, checkpointing_steps=3, cuda_graph=graph,
+                                           dataloader_num_workers=0)])
+        weights[graph] = {name: load_file(str(next((out / name).glob("*.safetensors"))))
+                          for name in ("unet_main", "brushnet")}
+    assert len(graphs) == 1 and graphs[0].replays == 3
+    for name in ("unet_main", "brushnet"):
+        assert weights[0][name].keys() == weights[1][name].keys()
+        for key, value in weights[0][name].items():
+            assert torch.equal(value, weights[1][name][key]), f"{name}.{key}"
