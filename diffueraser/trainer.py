@@ -197,8 +197,8 @@ def resolve_cuda_graph(choice, args, accelerator):
     """--cuda_graph unset: on where a captured step is valid; asked for where it is not: an error."""
     conflicts = [why for why, bad in (
         ("it needs a CUDA device", accelerator.device.type != "cuda"),
-        ("several processes (DDP) all-reduce inside backward", accelerator.num_processes > 1),
-        ("DeepSpeed runs its own backward", accelerator.distributed_type == DistributedType.DEEPSPEED),
+        (f"{accelerator.distributed_type.value} runs its own communication around backward (one plain process only)",
+         accelerator.num_processes > 1 or accelerator.distributed_type != DistributedType.NO),
         ("--gradient_accumulation_steps > 1 accumulates into the gradients", args.gradient_accumulation_steps > 1),
         ("--gradient_checkpointing reads the RNG state on the host", args.gradient_checkpointing)) if bad]
     if choice is None:
@@ -232,7 +232,9 @@ class StepGraph:
         return torch.cuda.CUDAGraph()
 
     def capturing(self, graph):
-        return torch.cuda.graph(graph)
+        # thread_local: the data loader's pin-memory thread may allocate pinned memory meanwhile,
+        # which a global-mode capture would refuse (and be invalidated by)
+        return torch.cuda.graph(graph, capture_error_mode="thread_local")
 
     def __call__(self, batch):
         self.calls += 1
@@ -250,9 +252,10 @@ class StepGraph:
 
     def load(self, batch):
         for key, buffer in self.static.items():
-            if batch[key].shape != buffer.shape:
-                raise ValueError(f"--cuda_graph: batch[{key!r}] has shape {tuple(batch[key].shape)}, the captured "
-                                 f"step {tuple(buffer.shape)}; every batch must have one shape (or --cuda_graph 0)")
+            if batch[key].shape != buffer.shape or batch[key].dtype != buffer.dtype:
+                raise ValueError(f"--cuda_graph: batch[{key!r}] is {tuple(batch[key].shape)} {batch[key].dtype}, the "
+                                 f"captured step's {tuple(buffer.shape)} {buffer.dtype}; every batch must match "
+                                 "(or --cuda_graph 0)")
             buffer.copy_(batch[key], non_blocking=True)
 
     def capture(self):

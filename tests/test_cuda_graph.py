@@ -27,8 +27,10 @@ def run_args(**kw):
 def test_cuda_graph_default_and_conflicts():
     assert resolve_cuda_graph(None, run_args(), fake_accelerator()) is True
     assert resolve_cuda_graph(0, run_args(), fake_accelerator()) is False
-    for args, acc in ((run_args(), fake_accelerator("cpu")), (run_args(), fake_accelerator(processes=2)),
+    for args, acc in ((run_args(), fake_accelerator("cpu")),
+                      (run_args(), fake_accelerator(processes=2, distributed="MULTI_GPU")),
                       (run_args(), fake_accelerator(distributed="DEEPSPEED")),
+                      (run_args(), fake_accelerator(distributed="FSDP")),
                       (run_args(gradient_accumulation_steps=2), fake_accelerator()),
                       (run_args(gradient_checkpointing=True), fake_accelerator())):
         assert resolve_cuda_graph(None, args, acc) is False  # unset: quietly off
@@ -81,8 +83,10 @@ def test_step_graph_warms_up_then_replays_on_fixed_buffers():
     out = graph(dict(x=torch.full((3,), 2.0)))
     assert out.item() == 6.0 and seen[-1] is graph.static["x"] and w.grad is graph.grads[0]
     assert torch.equal(w.grad, torch.full((3,), 2.0))
-    with pytest.raises(ValueError, match=r"batch\['x'\] has shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"batch\['x'\] is \(4,\) torch.float32"):
         graph(dict(x=torch.zeros(4)))
+    with pytest.raises(ValueError, match=r"batch\['x'\] is \(3,\) torch.float64"):
+        graph(dict(x=torch.zeros(3, dtype=torch.float64)))
 
 
 def _fixed_batch(gen, f, device, text_dim):

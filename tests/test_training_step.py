@@ -139,10 +139,14 @@ def test_speed_options_keep_numerics(reference, tmp_path, stage):
     assert_close(step_loss_and_grads(reference, tmp_path, stage, checkpointing=True), plain, 1e-5, 1e-6)
     assert_close(step_loss_and_grads(reference, tmp_path, stage, channels_last=True), plain, 1e-4, 1e-6)
     # bf16 autocast: 8 mantissa bits, errors of a few 1e-3 per op compound through the nets.
-    bf16 = step_loss_and_grads(reference, tmp_path, stage, dtype=torch.bfloat16)
+    # oneDNN's bf16 convolution weight gradient on CPU (torch 2.14.1) returns NaNs now and then for
+    # 1x1 inputs (the tiny nets' deepest downsampler) while its inputs and output gradient are
+    # finite; PyTorch's own CPU convolution does not, so the bf16 steps run without oneDNN.
+    with torch.backends.mkldnn.flags(enabled=False):
+        bf16 = step_loss_and_grads(reference, tmp_path, stage, dtype=torch.bfloat16)
+        # half-precision norms under bf16 autocast: no further from fp32 than plain bf16 autocast is
+        fast = step_loss_and_grads(reference, tmp_path, stage, dtype=torch.bfloat16, fast_norms=True)
     assert_close(bf16, plain, 0.1, 0.05)
-    # half-precision norms under bf16 autocast: no further from fp32 than plain bf16 autocast is
-    fast = step_loss_and_grads(reference, tmp_path, stage, dtype=torch.bfloat16, fast_norms=True)
     assert_close(fast, plain, 0.1, 0.05)
     # ...and in fp32 they are exactly the plain norms
     assert_close(step_loss_and_grads(reference, tmp_path, stage, fast_norms=True), plain, 1e-6, 1e-7)
