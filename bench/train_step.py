@@ -294,7 +294,7 @@ def phase_times(step, vae, modules, cuda, reps=3):
 def kernel_table(step, path, reps=2):
     """torch.profiler's top GPU operators over `reps` steps, written to `path`, with the GPU's busy
     time per step against the wall time (a gap means the GPU waited for the CPU); the chrome trace
-    goes beside it (`path` .json.gz)."""
+    goes beside it (`path` with .trace.json for .txt)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()

@@ -6,6 +6,7 @@ step, the loop, checkpoints, validation and the final save. Trained/frozen is de
 `requires_grad`, never from the stage name.
 """
 import datetime
+import gc
 import json
 import logging
 import math
@@ -261,7 +262,6 @@ class StepGraph:
     def capture(self):
         for p in self.params:  # captured backward then assigns fresh gradient tensors of its own
             p.grad = None
-        import gc
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -562,9 +562,6 @@ def train(args, stage):
     validate = Validator(args, stage) if accelerator.is_main_process else None
     embed_text = TextEmbedder(text_encoder)
     stop = StopRequest()
-    if args.cuda_graph:
-        accelerator.print("CUDA graph is on: step 4 captures the forward + backward, later steps replay it; "
-                          "--cuda_graph 0 turns it off")
     if args.compile:
         accelerator.print("torch.compile is on: the first step and the first validation compile the blocks "
                           "(minutes, once per shape); --compile 0 turns it off")
@@ -586,7 +583,11 @@ def train(args, stage):
                              args.vae_batch_size)
         accelerator.backward(loss)
         return loss
-    step_fn = StepGraph(forward_backward, params) if args.cuda_graph else forward_backward
+    step_fn = forward_backward
+    if args.cuda_graph:
+        step_fn = StepGraph(forward_backward, params)
+        accelerator.print(f"CUDA graph is on: step {step_fn.warmup + 1} captures the forward + backward, later "
+                          "steps replay it; --cuda_graph 0 turns it off")
     epoch = first_epoch
     while state["step"] < args.max_train_steps:  # skipped (non-finite) updates do not count as steps
         if hasattr(dataloader, "set_epoch"):
