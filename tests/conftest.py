@@ -11,6 +11,17 @@ REFERENCE = Path(os.environ.get("DIFFUERASER_REFERENCE", REPO.parent / "shared" 
 torch.set_num_threads(1)  # the fixtures were produced with one thread
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state: a test's Accelerator(cpu=True) after another test's
+    CUDA one would raise. Each test starts from none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def reference():
     """Path to ../shared/reference (the original implementation's fixtures)."""
