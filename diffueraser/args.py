@@ -81,6 +81,9 @@ def add_speed_args(parser):
     g.add_argument("--vae_batch_size", type=int, default=0,
                    help="Frames per VAE encode call (0 = all frames and masked frames in one call).")
     g.add_argument("--fused_adam", type=int, default=1, choices=[0, 1], help="Fused AdamW kernel on CUDA.")
+    g.add_argument("--fold_clip", type=int, default=1, choices=[0, 1],
+                   help="With the fused AdamW: unscale and clip the gradients inside its kernel (one pass over "
+                        "the weights instead of three); 0: accelerate's clip_grad_norm_ then the step.")
 
 
 def add_run_args(parser, output_dir_default):

@@ -510,20 +510,79 @@ def resume(accelerator, args, frozen=None):
     return step
 
 
+def folds_clip(accelerator, args, optimizer):
+    """True where the clip can be folded into the optimizer (fused_clip_step): torch's fused AdamW
+    on one process or under DDP (whose gradients are already reduced), with `--fold_clip 1`."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return bool(getattr(args, "fold_clip", 1) and isinstance(inner, torch.optim.AdamW) and inner.defaults.get("fused")
+                and accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU))
+
+
+def fused_clip_step(accelerator, args, params, optimizer, skip=None):
+    """Clip the gradients' total norm to `--max_grad_norm` and step, in one pass over the weights.
+
+    The norm is taken of the loss-scaled gradients, and the fused AdamW divides each gradient by
+    (loss scale / clip coefficient) as it reads it. That replaces the unscale and the clip, two
+    passes that read and write every gradient (stage 1: 1.75 B fp32). Nothing waits on the host:
+    a non-finite norm (or `skip`, a bool tensor) skips the update inside the kernel and lowers the
+    loss scale, as GradScaler.step + update would.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    scaler = accelerator.scaler if accelerator.scaler is not None and accelerator.scaler.is_enabled() else None
+    grads = [p.grad for p in params if p.grad is not None]
+    scale = scaler._scale if scaler else torch.ones((), device=grads[0].device)
+    norm = torch.nn.utils.get_total_norm(grads).float() / scale
+    bad = ~torch.isfinite(norm)
+    found_inf = (bad if skip is None else bad | skip).float()
+    coef = torch.clamp(args.max_grad_norm / (norm + 1e-6), max=1.0)  # torch's clip_grad_norm_ rule
+    inner.grad_scale, inner.found_inf = scale / coef, found_inf  # the fused AdamW reads both
+    try:
+        inner.step()
+    finally:
+        del inner.grad_scale, inner.found_inf
+    if scaler:  # GradScaler.update's own kernel: back off on non-finite gradients, grow after enough good steps
+        before = scaler._scale.clone(), scaler._growth_tracker.clone()
+        torch._amp_update_scale_(scaler._scale, scaler._growth_tracker, bad.float(), scaler._growth_factor,
+                                 scaler._backoff_factor, scaler._growth_interval)
+        if skip is not None:  # a skipped step leaves the scaler as it was
+            for t, b in zip((scaler._scale, scaler._growth_tracker), before):
+                t.copy_(torch.where(skip, b, t))
+
+
+def read_later(t):
+    """float(t) as a callable: copied now, read without waiting for GPU work queued after this call."""
+    if t.device.type != "cuda":
+        return t.item
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return lambda: (copied.synchronize(), host.item())[1]
+
+
 def update(accelerator, args, state, loss, params, optimizer, lr_scheduler):
     """Clip, step and zero the gradients of one micro-batch; True once a whole update was made.
 
     The loss is averaged over processes (for logging and the finiteness check, so every process
     takes the same decision). A non-finite loss anywhere in the accumulation window skips the
-    update; `--max_bad_steps` of them in a row stop the run.
+    update; `--max_bad_steps` of them in a row stop the run. With the clip folded, the update is
+    queued before the loss reaches the host (the kernel skips a non-finite loss by itself), so the
+    GPU goes from the backward straight into the update.
     """
     mean_loss = accelerator.gather(loss.detach()[None]).mean()
-    state["window_losses"].append(mean_loss)
-    state["window_ok"] = state["window_ok"] and bool(torch.isfinite(mean_loss))
+    fold = state["window_ok"] and accelerator.sync_gradients and folds_clip(accelerator, args, optimizer)
+    if fold:
+        value = read_later(mean_loss)
+        fused_clip_step(accelerator, args, params, optimizer, skip=~torch.isfinite(mean_loss))
+        value = value()
+    else:
+        value = mean_loss.item()
+    state["window_losses"].append(value)
+    state["window_ok"] = state["window_ok"] and math.isfinite(value)
     if state["window_ok"]:
-        if accelerator.sync_gradients:
+        if accelerator.sync_gradients and not fold:
             accelerator.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
+            optimizer.step()
         lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if not accelerator.sync_gradients:
@@ -537,7 +596,7 @@ def update(accelerator, args, state, loss, params, optimizer, lr_scheduler):
             raise SystemExit(f"{state['bad_steps']} non-finite losses in a row at step {state['step']}: lower "
                              "--learning_rate, try --mixed_precision bf16 or no, or resume from an earlier checkpoint")
         return False
-    state.update(bad_steps=0, step=state["step"] + 1, loss=torch.stack(losses).mean().item())
+    state.update(bad_steps=0, step=state["step"] + 1, loss=sum(losses) / len(losses))
     return True
 
 

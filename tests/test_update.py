@@ -1,0 +1,163 @@
+"""The update: clip + loss scale folded into the fused AdamW equals the unfolded reference."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.utils import DistributedType
+
+from diffueraser.trainer import folds_clip, fused_clip_step, update
+
+ARGS = dict(max_grad_norm=1.0, max_bad_steps=3)
+
+
+def make_params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*shape, generator=gen)) for shape in ((7, 5), (5,), (3, 2, 2))]
+
+
+def set_grads(params, step, scale=1.0, inf=False):
+    gen = torch.Generator().manual_seed(100 + step)
+    for i, p in enumerate(params):
+        p.grad = torch.randn(p.shape, generator=gen) * (3.0 if step % 2 else 0.05) * scale  # clipped / not
+        if inf and i == 1:
+            p.grad[0] = float("inf")
+
+
+def fake_accelerator(scaler=None):
+    return SimpleNamespace(scaler=scaler, distributed_type=DistributedType.NO, sync_gradients=True,
+                           clip_grad_norm_=torch.nn.utils.clip_grad_norm_, gather=lambda t: t)
+
+
+def adamw(params, fused):
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-2, fused=fused)
+
+
+@pytest.mark.parametrize("loss_scale", [None, 1024.0])
+def test_folded_clip_matches_unscale_clip_step(loss_scale):
+    """Folded: one fused AdamW call reading grads / (scale / clip coefficient). Reference: the
+    documented GradScaler recipe (scale, unscale_, clip_grad_norm_, step, update). Five steps,
+    clipping on every other one, and a step with an infinite gradient (skipped: weights and step
+    count unchanged, loss scale halved)."""
+    ours, ref = make_params(), make_params()
+    opt_ours, opt_ref = adamw(ours, fused=True), adamw(ref, fused=True)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=loss_scale, growth_interval=2) if loss_scale else None
+               for _ in range(2)]
+    accelerator = fake_accelerator(scalers[0])
+    args = SimpleNamespace(fold_clip=1, **ARGS)
+    assert folds_clip(accelerator, args, opt_ours)
+    for step in range(5):
+        inf = step == 3
+        scale = 1.0
+        if loss_scale:  # scale() starts the scalers' state as accelerator.backward does
+            scale = scalers[0].scale(torch.ones(()))
+            assert float(scalers[1].scale(torch.ones(()))) == float(scale)
+        set_grads(ours, step, float(scale), inf)
+        set_grads(ref, step, float(scale), inf)
+        before = [p.detach().clone() for p in ours]
+        fused_clip_step(accelerator, args, ours, opt_ours)
+        if loss_scale:
+            scalers[1].unscale_(opt_ref)
+            torch.nn.utils.clip_grad_norm_(ref, ARGS["max_grad_norm"])
+            scalers[1].step(opt_ref)
+            scalers[1].update()
+            assert scalers[0].get_scale() == scalers[1].get_scale()
+        else:
+            if not inf:  # without a scaler nothing skips: leave the reference alone there
+                torch.nn.utils.clip_grad_norm_(ref, ARGS["max_grad_norm"])
+                opt_ref.step()
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        if inf:
+            assert all(torch.equal(a, b) for a, b in zip(ours, before))
+        else:
+            assert not any(torch.equal(a, b) for a, b in zip(ours, before))
+    assert float(opt_ours.state[ours[0]]["step"]) == 4  # the skipped step is not counted
+    if loss_scale:
+        assert scalers[0].get_scale() == loss_scale  # halved once, doubled once (growth_interval 2)
+    assert not hasattr(opt_ours, "grad_scale") and not hasattr(opt_ours, "found_inf")
+
+
+def test_fold_only_where_it_holds():
+    params = make_params()
+    acc = fake_accelerator()
+    on = SimpleNamespace(fold_clip=1, **ARGS)
+    assert not folds_clip(acc, on, adamw(params, fused=False))  # foreach AdamW: no grad_scale input
+    assert not folds_clip(acc, SimpleNamespace(fold_clip=0, **ARGS), adamw(params, fused=True))
+    acc.distributed_type = DistributedType.DEEPSPEED  # its own clip and step
+    assert not folds_clip(acc, on, adamw(params, fused=True))
+    acc.distributed_type = DistributedType.MULTI_GPU  # DDP: gradients are already reduced
+    assert folds_clip(acc, on, SimpleNamespace(optimizer=adamw(params, fused=True)))  # accelerate's wrapper
+
+
+def test_update_through_accelerate_with_fold_on_and_off():
+    """update() with a real Accelerator (CPU, fp32) and fused AdamW: folded and not, the same weights,
+    a step counted per finite loss and the logged loss the mean of the window's losses."""
+    from accelerate import Accelerator
+
+    weights, logged = {}, {}
+    for fold in (0, 1):
+        accelerator = Accelerator(cpu=True)
+        params = make_params()
+        opt = accelerator.prepare(adamw(params, fused=True))
+        state = dict(step=0, bad_steps=0, window_ok=True, window_losses=[])
+        args = SimpleNamespace(fold_clip=fold, **ARGS)
+        for step in range(3):
+            set_grads(params, step)
+            assert update(accelerator, args, state, torch.tensor(0.5 + step), params, opt,
+                          SimpleNamespace(step=lambda: None))
+            assert all(p.grad is None for p in params)
+        weights[fold], logged[fold] = [p.detach().clone() for p in params], state
+    for a, b in zip(weights[0], weights[1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert logged[1]["step"] == 3 and logged[1]["loss"] == 2.5
+
+
+def test_update_skips_a_non_finite_loss():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    params = make_params()
+    opt = accelerator.prepare(adamw(params, fused=True))
+    before = [p.detach().clone() for p in params]
+    state = dict(step=0, bad_steps=0, window_ok=True, window_losses=[])
+    args = SimpleNamespace(fold_clip=1, **ARGS)
+    for i in range(2):
+        set_grads(params, 0)
+        assert not update(accelerator, args, state, torch.tensor(float("nan")), params, opt,
+                          SimpleNamespace(step=lambda: None))
+    assert state["bad_steps"] == 2 and state["step"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    set_grads(params, 0)
+    with pytest.raises(SystemExit, match="3 non-finite losses in a row"):
+        update(accelerator, args, state, torch.tensor(float("inf")), params, opt, SimpleNamespace(step=lambda: None))
+
+
+def test_folded_update_skips_a_non_finite_loss_and_keeps_the_loss_scale():
+    """Folded, the step is queued before the host sees the loss: a NaN loss must still leave the
+    weights, the optimizer's step count and the loss scale alone (as the unfolded path, which skips
+    before the scaler); a finite loss with an infinite gradient skips inside the kernel and halves
+    the scale."""
+    from accelerate import PartialState
+
+    PartialState(cpu=True)  # the warning about the skipped step goes through accelerate's logger
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    accelerator = fake_accelerator(scaler)
+    params = make_params()
+    opt = adamw(params, fused=True)
+    args = SimpleNamespace(fold_clip=1, **ARGS)
+    state = dict(step=0, bad_steps=0, window_ok=True, window_losses=[])
+    before = [p.detach().clone() for p in params]
+    scale = scaler.scale(torch.ones(()))
+    set_grads(params, 0, float(scale), inf=True)
+    assert not update(accelerator, args, state, torch.tensor(float("nan")), params, opt,
+                      SimpleNamespace(step=lambda: None))
+    assert scaler.get_scale() == 1024.0 and state["bad_steps"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(params, before)) and all(p.grad is None for p in params)
+    set_grads(params, 0, float(scale), inf=True)
+    assert update(accelerator, args, state, torch.tensor(0.25), params, opt, SimpleNamespace(step=lambda: None))
+    assert scaler.get_scale() == 512.0 and state["bad_steps"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    set_grads(params, 0, float(scale))
+    assert update(accelerator, args, state, torch.tensor(0.25), params, opt, SimpleNamespace(step=lambda: None))
+    assert not any(torch.equal(a, b) for a, b in zip(params, before))
+    assert float(opt.state[params[0]]["step"]) == 1
