@@ -221,7 +221,9 @@ def run_config(name, stage, opts, args, accelerator):
     with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
         step(eager=True)  # compiled blocks run their eager code here, so the counter sees every op
     result["tflop_per_step"] = counter.get_total_flops() / 1e12
-    del unet, brushnet, vae, text, optimizer, params, trained, batch, embed
+    # the graph too: its private memory pool would otherwise stay reserved into the next
+    # configuration and inflate its peak-reserved reading (runs 10-14 measured a second config so)
+    del unet, brushnet, vae, text, optimizer, params, trained, batch, embed, graphed
     accelerator.free_memory()
     gc.collect()
     if cuda:
@@ -339,6 +341,9 @@ def main(argv=None):
     results = []
     for name in names:
         stage, opts = CONFIGS[name]
+        gc.collect()  # each configuration starts with nothing of the previous one reserved
+        if cuda:
+            torch.cuda.empty_cache()
         try:
             r = run_config(name, stage, opts, args, accelerator)
         except torch.cuda.OutOfMemoryError as e:
