@@ -52,7 +52,8 @@ def add_optim_args(parser):
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
     g.add_argument("--set_grads_to_none", action="store_true", help="Free gradients between steps (default in torch).")
     g.add_argument("--max_bad_steps", type=int, default=20,
-                   help="Stop after this many non-finite losses in a row.")
+                   help="Stop after this many updates in a row skipped for a non-finite loss (or, without "
+                        "fp16's loss scaler, non-finite gradients).")
 
 
 def add_speed_args(parser):

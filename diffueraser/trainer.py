@@ -518,46 +518,58 @@ def folds_clip(accelerator, args, optimizer):
                 and accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU))
 
 
-def fused_clip_step(accelerator, args, params, optimizer, skip=None):
+def loss_scaler(accelerator):
+    """The GradScaler of an fp16 run, else None."""
+    scaler = getattr(accelerator, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def fused_clip_step(accelerator, args, params, optimizer, loss):
     """Clip the gradients' total norm to `--max_grad_norm` and step, in one pass over the weights.
 
     The norm is taken of the loss-scaled gradients, and the fused AdamW divides each gradient by
     (loss scale / clip coefficient) as it reads it. That replaces the unscale and the clip, two
-    passes that read and write every gradient (stage 1: 1.75 B fp32). Nothing waits on the host:
-    a non-finite norm (or `skip`, a bool tensor) skips the update inside the kernel and lowers the
-    loss scale, as GradScaler.step + update would.
+    passes that read and write every gradient (stage 1: 1.75 B fp32). Nothing waits on the host: a
+    non-finite `loss` (the step's, a tensor) or gradient norm skips the update inside the kernel.
+    The loss scale backs off on a non-finite norm, as GradScaler.step + update would, and is left
+    alone when the loss itself was not finite (the unfolded path skips before the scaler).
+
+    Returns read_later([loss, 1.0 if the gradients were not finite]), copied before the step is
+    queued: reading it waits for the norm, not for the update.
     """
     inner = getattr(optimizer, "optimizer", optimizer)
-    scaler = accelerator.scaler if accelerator.scaler is not None and accelerator.scaler.is_enabled() else None
+    scaler = loss_scaler(accelerator)
     grads = [p.grad for p in params if p.grad is not None]
-    scale = scaler._scale if scaler else torch.ones((), device=grads[0].device)
+    scale = scaler._scale if scaler else torch.ones((), device=loss.device)
     norm = torch.nn.utils.get_total_norm(grads).float() / scale
-    bad = ~torch.isfinite(norm)
-    found_inf = (bad if skip is None else bad | skip).float()
+    bad, skip = ~torch.isfinite(norm), ~torch.isfinite(loss)
+    found_inf = (bad | skip).float()
     coef = torch.clamp(args.max_grad_norm / (norm + 1e-6), max=1.0)  # torch's clip_grad_norm_ rule
+    reading = read_later(torch.stack([loss.float(), bad.float()]))
     inner.grad_scale, inner.found_inf = scale / coef, found_inf  # the fused AdamW reads both
     try:
         inner.step()
     finally:
         del inner.grad_scale, inner.found_inf
+    optimizer._opt_called = True  # what torch's LR scheduler's wrapper of optimizer.step() records
     if scaler:  # GradScaler.update's own kernel: back off on non-finite gradients, grow after enough good steps
         before = scaler._scale.clone(), scaler._growth_tracker.clone()
         torch._amp_update_scale_(scaler._scale, scaler._growth_tracker, bad.float(), scaler._growth_factor,
                                  scaler._backoff_factor, scaler._growth_interval)
-        if skip is not None:  # a skipped step leaves the scaler as it was
-            for t, b in zip((scaler._scale, scaler._growth_tracker), before):
-                t.copy_(torch.where(skip, b, t))
+        for t, b in zip((scaler._scale, scaler._growth_tracker), before):  # a skipped step leaves it as it was
+            t.copy_(torch.where(skip, b, t))
+    return reading
 
 
 def read_later(t):
-    """float(t) as a callable: copied now, read without waiting for GPU work queued after this call."""
+    """t.tolist() as a callable: copied now, read without waiting for GPU work queued after this call."""
     if t.device.type != "cuda":
-        return t.item
+        return t.tolist
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     copied = torch.cuda.Event()
     copied.record()
-    return lambda: (copied.synchronize(), host.item())[1]
+    return lambda: (copied.synchronize(), host.tolist())[1]
 
 
 def update(accelerator, args, state, loss, params, optimizer, lr_scheduler):
@@ -565,20 +577,21 @@ def update(accelerator, args, state, loss, params, optimizer, lr_scheduler):
 
     The loss is averaged over processes (for logging and the finiteness check, so every process
     takes the same decision). A non-finite loss anywhere in the accumulation window skips the
-    update; `--max_bad_steps` of them in a row stop the run. With the clip folded, the update is
-    queued before the loss reaches the host (the kernel skips a non-finite loss by itself), so the
-    GPU goes from the backward straight into the update.
+    update, and so do non-finite gradients without a loss scaler (with one, fp16, they are its
+    business: it skips and lowers the scale); `--max_bad_steps` skipped updates in a row stop the
+    run. With the clip folded, the update is queued before the loss reaches the host (the kernel
+    skips by itself), so the GPU goes from the backward straight into the update.
     """
     mean_loss = accelerator.gather(loss.detach()[None]).mean()
     fold = state["window_ok"] and accelerator.sync_gradients and folds_clip(accelerator, args, optimizer)
     if fold:
-        value = read_later(mean_loss)
-        fused_clip_step(accelerator, args, params, optimizer, skip=~torch.isfinite(mean_loss))
-        value = value()
+        value, grads_bad = fused_clip_step(accelerator, args, params, optimizer, mean_loss)()
+        finite = math.isfinite(value) and not (grads_bad and loss_scaler(accelerator) is None)
     else:
         value = mean_loss.item()
+        finite = math.isfinite(value)
     state["window_losses"].append(value)
-    state["window_ok"] = state["window_ok"] and math.isfinite(value)
+    state["window_ok"] = state["window_ok"] and finite
     if state["window_ok"]:
         if accelerator.sync_gradients and not fold:
             accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -591,9 +604,10 @@ def update(accelerator, args, state, loss, params, optimizer, lr_scheduler):
     state.update(window_ok=True, window_losses=[])
     if not ok:
         state["bad_steps"] += 1
-        logger.warning(f"step {state['step']}: non-finite loss; update skipped")
+        logger.warning(f"step {state['step']}: non-finite loss or gradients; update skipped")
         if state["bad_steps"] >= args.max_bad_steps:
-            raise SystemExit(f"{state['bad_steps']} non-finite losses in a row at step {state['step']}: lower "
+            raise SystemExit(f"{state['bad_steps']} skipped updates (non-finite loss or gradients) in a row at step "
+                             f"{state['step']}: lower "
                              "--learning_rate, try --mixed_precision bf16 or no, or resume from an earlier checkpoint")
         return False
     state.update(bad_steps=0, step=state["step"] + 1, loss=sum(losses) / len(losses))

@@ -1,11 +1,12 @@
 """The update: clip + loss scale folded into the fused AdamW equals the unfolded reference."""
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from diffueraser.trainer import folds_clip, fused_clip_step, update
+from diffueraser.trainer import folds_clip, fused_clip_step, read_later, update
 
 ARGS = dict(max_grad_norm=1.0, max_bad_steps=3)
 
@@ -54,13 +55,15 @@ def test_folded_clip_matches_unscale_clip_step(loss_scale):
         set_grads(ours, step, float(scale), inf)
         set_grads(ref, step, float(scale), inf)
         before = [p.detach().clone() for p in ours]
-        fused_clip_step(accelerator, args, ours, opt_ours)
+        loss_read = fused_clip_step(accelerator, args, ours, opt_ours, torch.tensor(0.5))()
+        assert loss_read == [0.5, float(inf)]  # the loss and whether the gradients were not finite
         if loss_scale:
             scalers[1].unscale_(opt_ref)
             torch.nn.utils.clip_grad_norm_(ref, ARGS["max_grad_norm"])
             scalers[1].step(opt_ref)
             scalers[1].update()
             assert scalers[0].get_scale() == scalers[1].get_scale()
+            assert torch.equal(scalers[0]._growth_tracker, scalers[1]._growth_tracker)
         else:
             if not inf:  # without a scaler nothing skips: leave the reference alone there
                 torch.nn.utils.clip_grad_norm_(ref, ARGS["max_grad_norm"])
@@ -128,7 +131,7 @@ def test_update_skips_a_non_finite_loss():
     assert state["bad_steps"] == 2 and state["step"] == 0
     assert all(torch.equal(a, b) for a, b in zip(params, before))
     set_grads(params, 0)
-    with pytest.raises(SystemExit, match="3 non-finite losses in a row"):
+    with pytest.raises(SystemExit, match="3 skipped updates"):
         update(accelerator, args, state, torch.tensor(float("inf")), params, opt, SimpleNamespace(step=lambda: None))
 
 
@@ -151,7 +154,7 @@ def test_folded_update_skips_a_non_finite_loss_and_keeps_the_loss_scale():
     set_grads(params, 0, float(scale), inf=True)
     assert not update(accelerator, args, state, torch.tensor(float("nan")), params, opt,
                       SimpleNamespace(step=lambda: None))
-    assert scaler.get_scale() == 1024.0 and state["bad_steps"] == 1
+    assert scaler.get_scale() == 1024.0 and int(scaler._growth_tracker) == 0 and state["bad_steps"] == 1
     assert all(torch.equal(a, b) for a, b in zip(params, before)) and all(p.grad is None for p in params)
     set_grads(params, 0, float(scale), inf=True)
     assert update(accelerator, args, state, torch.tensor(0.25), params, opt, SimpleNamespace(step=lambda: None))
@@ -161,3 +164,86 @@ def test_folded_update_skips_a_non_finite_loss_and_keeps_the_loss_scale():
     assert update(accelerator, args, state, torch.tensor(0.25), params, opt, SimpleNamespace(step=lambda: None))
     assert not any(torch.equal(a, b) for a, b in zip(params, before))
     assert float(opt.state[params[0]]["step"]) == 1
+
+
+def test_update_with_gradient_accumulation_fold_on_and_off():
+    """Two micro-batches per update through accelerate (fp32, CPU, fused AdamW): the folded update
+    steps only at the window's end, and ends with the weights of the unfolded one."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    weights = {}
+    for fold in (0, 1):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+        model = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            model.weight.copy_(torch.arange(12.0).view(3, 4) / 10)
+            model.bias.zero_()
+        params = list(model.parameters())
+        model, opt = accelerator.prepare(model, adamw(params, fused=True))
+        state = dict(step=0, bad_steps=0, window_ok=True, window_losses=[])
+        args = SimpleNamespace(fold_clip=fold, **ARGS)
+        gen = torch.Generator().manual_seed(0)
+        made = []
+        for _ in range(6):
+            with accelerator.accumulate(model):
+                loss = model(torch.randn(2, 4, generator=gen) * 5).pow(2).mean()
+                accelerator.backward(loss)
+                before = [p.detach().clone() for p in params]
+                made.append(update(accelerator, args, state, loss, params, opt, SimpleNamespace(step=lambda: None)))
+                moved = any(not torch.equal(a, p) for a, p in zip(before, params))
+                assert moved == made[-1]  # weights move only at the end of a window
+        assert made == [False, True] * 3 and state["step"] == 3
+        weights[fold] = [p.detach().clone() for p in params]
+    for a, b in zip(weights[0], weights[1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_non_finite_gradients_without_a_scaler_skip_and_count():
+    """bf16/fp32 (no loss scaler): a finite loss with a non-finite gradient skips the update, is
+    warned about and counted as a bad step, and the LR schedule does not move."""
+    from accelerate import PartialState
+
+    PartialState(cpu=True)
+    accelerator = fake_accelerator()
+    params = make_params()
+    opt = adamw(params, fused=True)
+    before = [p.detach().clone() for p in params]
+    state = dict(step=0, bad_steps=0, window_ok=True, window_losses=[])
+    lr_steps = []
+    set_grads(params, 0, inf=True)
+    assert not update(accelerator, SimpleNamespace(fold_clip=1, **ARGS), state, torch.tensor(0.3), params, opt,
+                      SimpleNamespace(step=lambda: lr_steps.append(1)))
+    assert state["bad_steps"] == 1 and state["step"] == 0 and not lr_steps
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+def test_folded_step_counts_as_an_optimizer_step_for_the_lr_scheduler():
+    """torch's LR scheduler warns when it steps before optimizer.step(); the folded update calls the
+    fused AdamW underneath the wrapper it watches, and must say it stepped."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    params = make_params()
+    opt = accelerator.prepare(adamw(params, fused=True))  # the scheduler watches the wrapper's step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    state = dict(step=0, bad_steps=0, window_ok=True, window_losses=[])
+    set_grads(params, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert update(accelerator, SimpleNamespace(fold_clip=1, **ARGS), state, torch.tensor(0.3), params,
+                      opt, scheduler)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_read_later_reads_the_value_at_the_call():
+    """The copy is taken when read_later is called: work queued afterwards does not change it."""
+    t = torch.full((2,), 3.0, device="cuda")
+    read = read_later(t)
+    big = torch.randn(4096, 4096, device="cuda")
+    for _ in range(5):
+        big = big @ big / 64  # keep the stream busy so a missing wait would show
+    t.fill_(7.0)
+    assert read() == [3.0, 3.0]
+    assert read_later(t)() == [7.0, 7.0]
