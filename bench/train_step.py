@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from diffueraser.trainer import (  # noqa: E402
     StepGraph, TextEmbedder, compile_models, configure_models, make_optimizer, place_frozen_encoders, resolve_cuda_graph,
-    training_step, update)
+    training_step, update, update_state)
 
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
 SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -153,7 +153,7 @@ def run_config(name, stage, opts, args, accelerator):
     batch = synthetic_batch(frames, res, device)
     embed = TextEmbedder(text)
     lr_scheduler = SimpleNamespace(step=lambda: None)
-    state = dict(step=0, bad_steps=0, window_ok=True, window_losses=[])
+    state = update_state()
     baseline = opts.get("baseline")
     vae_chunk = frames if baseline else opts.get("vae_batch_size", 0)  # baseline: two VAE calls
 
@@ -221,9 +221,7 @@ def run_config(name, stage, opts, args, accelerator):
     with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
         step(eager=True)  # compiled blocks run their eager code here, so the counter sees every op
     result["tflop_per_step"] = counter.get_total_flops() / 1e12
-    # the graph too: its private memory pool would otherwise stay reserved into the next
-    # configuration and inflate its peak-reserved reading (runs 10-14 measured a second config so)
-    del unet, brushnet, vae, text, optimizer, params, trained, batch, embed, graphed
+    del unet, brushnet, vae, text, optimizer, params, trained, batch, embed
     accelerator.free_memory()
     gc.collect()
     if cuda:
@@ -341,7 +339,9 @@ def main(argv=None):
     results = []
     for name in names:
         stage, opts = CONFIGS[name]
-        gc.collect()  # each configuration starts with nothing of the previous one reserved
+        # each configuration starts with nothing of the previous one reserved: the last one's CUDA
+        # graph pool (freed only when run_config returned) inflated runs 10-14's second readings
+        gc.collect()
         if cuda:
             torch.cuda.empty_cache()
         try:

@@ -572,6 +572,11 @@ def read_later(t):
     return lambda: (copied.synchronize(), host.tolist())[1]
 
 
+def update_state(step=0):
+    """What update() carries between calls: the step count, bad steps in a row, the window's losses."""
+    return dict(step=step, bad_steps=0, window_ok=True, window_losses=[])
+
+
 def update(accelerator, args, state, loss, params, optimizer, lr_scheduler):
     """Clip, step and zero the gradients of one micro-batch; True once a whole update was made.
 
@@ -646,7 +651,7 @@ def train(args, stage):
     models = (unet, brushnet, vae, text_encoder, tokenizer, noise_scheduler)
     if validate and global_step == 0:
         validate(accelerator, models, 0)
-    state = dict(step=global_step, bad_steps=0, window_ok=True, window_losses=[])
+    state = update_state(global_step)
     first_epoch = global_step // steps_per_epoch
     skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
     trained = [m for m in (unet, brushnet) if is_trained(m)]

@@ -138,7 +138,7 @@ def test_graphed_training_step_trains():
     noise every time, the loss stays finite and the weights move."""
     from accelerate import Accelerator
 
-    from diffueraser.trainer import TextEmbedder, make_optimizer, update
+    from diffueraser.trainer import TextEmbedder, make_optimizer, update, update_state
 
     accelerator = Accelerator(mixed_precision="fp16")
     unet, brushnet = tiny_stage_models("stage1")
@@ -162,7 +162,7 @@ def test_graphed_training_step_trains():
         return loss
 
     graph = StepGraph(forward_backward, params, warmup=2)
-    state = dict(step=0, bad_steps=0, window_ok=True, window_losses=[])
+    state = update_state()
     losses, before = [], [p.detach().clone() for p in params]
     for _ in range(6):
         loss = graph(batch)

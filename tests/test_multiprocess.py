@@ -17,7 +17,7 @@ def one_update(stage, out_file):
     from diffusers import DDPMScheduler
 
     from diffueraser.tiny import TINY_SCHEDULER, tiny_stage_models
-    from diffueraser.trainer import diffusion_loss, is_trained, update
+    from diffueraser.trainer import diffusion_loss, is_trained, update, update_state
 
     accelerator = Accelerator()
     unet, brushnet = tiny_stage_models(stage)
@@ -41,7 +41,7 @@ def one_update(stage, out_file):
     loss = diffusion_loss(*models, DDPMScheduler(**TINY_SCHEDULER), latents[frame], cond[frame], masks[frame],
                           text[clip], noise[frame], timesteps[clip], f)
     accelerator.backward(loss)
-    state = dict(step=0, bad_steps=0, window_ok=True, window_losses=[])
+    state = update_state()
     args = type("A", (), dict(max_grad_norm=1e9, max_bad_steps=1))
     assert update(accelerator, args, state, loss, params, optimizer, type("S", (), dict(step=lambda self: None))())
     if accelerator.is_main_process:

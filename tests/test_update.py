@@ -6,7 +6,7 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from diffueraser.trainer import folds_clip, fused_clip_step, read_later, update
+from diffueraser.trainer import folds_clip, fused_clip_step, read_later, update, update_state
 
 ARGS = dict(max_grad_norm=1.0, max_bad_steps=3)
 
@@ -102,7 +102,7 @@ def test_update_through_accelerate_with_fold_on_and_off():
         accelerator = Accelerator(cpu=True)
         params = make_params()
         opt = accelerator.prepare(adamw(params, fused=True))
-        state = dict(step=0, bad_steps=0, window_ok=True, window_losses=[])
+        state = update_state()
         args = SimpleNamespace(fold_clip=fold, **ARGS)
         for step in range(3):
             set_grads(params, step)
@@ -122,7 +122,7 @@ def test_update_skips_a_non_finite_loss():
     params = make_params()
     opt = accelerator.prepare(adamw(params, fused=True))
     before = [p.detach().clone() for p in params]
-    state = dict(step=0, bad_steps=0, window_ok=True, window_losses=[])
+    state = update_state()
     args = SimpleNamespace(fold_clip=1, **ARGS)
     for i in range(2):
         set_grads(params, 0)
@@ -148,7 +148,7 @@ def test_folded_update_skips_a_non_finite_loss_and_keeps_the_loss_scale():
     params = make_params()
     opt = adamw(params, fused=True)
     args = SimpleNamespace(fold_clip=1, **ARGS)
-    state = dict(step=0, bad_steps=0, window_ok=True, window_losses=[])
+    state = update_state()
     before = [p.detach().clone() for p in params]
     scale = scaler.scale(torch.ones(()))
     set_grads(params, 0, float(scale), inf=True)
@@ -182,7 +182,7 @@ def test_update_with_gradient_accumulation_fold_on_and_off():
             model.bias.zero_()
         params = list(model.parameters())
         model, opt = accelerator.prepare(model, adamw(params, fused=True))
-        state = dict(step=0, bad_steps=0, window_ok=True, window_losses=[])
+        state = update_state()
         args = SimpleNamespace(fold_clip=fold, **ARGS)
         gen = torch.Generator().manual_seed(0)
         made = []
@@ -210,7 +210,7 @@ def test_non_finite_gradients_without_a_scaler_skip_and_count():
     params = make_params()
     opt = adamw(params, fused=True)
     before = [p.detach().clone() for p in params]
-    state = dict(step=0, bad_steps=0, window_ok=True, window_losses=[])
+    state = update_state()
     lr_steps = []
     set_grads(params, 0, inf=True)
     assert not update(accelerator, SimpleNamespace(fold_clip=1, **ARGS), state, torch.tensor(0.3), params, opt,
@@ -228,7 +228,7 @@ def test_folded_step_counts_as_an_optimizer_step_for_the_lr_scheduler():
     params = make_params()
     opt = accelerator.prepare(adamw(params, fused=True))  # the scheduler watches the wrapper's step()
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    state = dict(step=0, bad_steps=0, window_ok=True, window_losses=[])
+    state = update_state()
     set_grads(params, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
