@@ -41,7 +41,8 @@ CONFIGS = {
     "s1-default": ("stage1", dict()),  # the scripts' defaults: compiled and CUDA-graphed on a GPU
     "s1-eager": ("stage1", dict(compile=False, cuda_graph=False)),
     "s1-compile": ("stage1", dict(compile=True, cuda_graph=False)),
-    "s1-no_fold": ("stage1", dict(fold_clip=0)),  # the default with accelerate's unscale + clip, then the step
+    "s1-no_fold": ("stage1", dict(fold_clip=0)),
+    "s1-vae_native_norm": ("stage1", dict(vae_channel_norm=0)),  # the default with F.group_norm in the VAE  # the default with accelerate's unscale + clip, then the step
     "s1-graph_eager": ("stage1", dict(compile=False, cuda_graph=True)),
     "s1-no_cudnn_benchmark": ("stage1", dict(compile=False, cuda_graph=False, cudnn_benchmark=False)),
     "s1-channels_last": ("stage1", dict(compile=False, cuda_graph=False, channels_last=True)),
@@ -56,6 +57,7 @@ CONFIGS = {
     "s2-eager": ("stage2", dict(compile=False, cuda_graph=False)),
     "s2-compile": ("stage2", dict(compile=True, cuda_graph=False)),
     "s2-no_fold": ("stage2", dict(fold_clip=0)),
+    "s2-vae_native_norm": ("stage2", dict(vae_channel_norm=0)),
     "s2-graph_eager": ("stage2", dict(compile=False, cuda_graph=True)),
     "s2-fast_norms": ("stage2", dict(compile=False, cuda_graph=False, fast_norms=True)),
     "s2-compile+cl": ("stage2", dict(compile=True, channels_last=True)),
@@ -129,6 +131,7 @@ def run_config(name, stage, opts, args, accelerator):
                                channels_last=opts.get("channels_last", False), scale_lr=False,
                                fast_norms=opts.get("fast_norms", False),
                                compile_scope=opts.get("compile_scope", "blocks"),
+                               vae_channel_norm=opts.get("vae_channel_norm", 1),
                                learning_rate=5e-6, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2,
                                adam_epsilon=1e-8, use_8bit_adam=opts.get("use_8bit_adam", False),
                                fused_adam=0 if opts.get("baseline") else 1, train_batch_size=1,

@@ -23,3 +23,13 @@ def test_train_step_bench_tiny(tmp_path):
         assert all(phases[k] > 0 for k in ("vae", "brushnet", "unet", "backward", "update"))
         assert phases["forward_other"] >= 0
     assert "s1-default" in proc.stdout
+
+
+def test_vae_encode_bench_tiny(tmp_path):
+    out = tmp_path / "vae.json"
+    proc = subprocess.run([sys.executable, "bench/vae_encode.py", "--tiny", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["norm_native_ms"] > 0 and r["encoder_by_channel_ms"] > 0
+    assert r["norm_max_abs_diff"] < 1e-4 and r["encoder_max_abs_diff"] < 1e-4  # same numbers, fp32 on CPU

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffueraser.tiny import TINY_MOTION_ADAPTER, TINY_UNET, TINY_VAE
-from diffueraser.trainer import compile_blocks, encode_latents, place_frozen_encoders
+from diffueraser.trainer import compile_blocks, encode_latents, norms_by_channel, place_frozen_encoders
 
 
 def grads_of(block, run):
@@ -59,7 +59,34 @@ def test_compiled_channels_last_vae_encoder_matches_eager():
     ref = encode_latents(vae, pixels, masked)
     place_frozen_encoders(SimpleNamespace(compile=True), vae, text, torch.device("cpu"), torch.float32)
     assert vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    norms = [m for m in vae.encoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all("forward" in vars(m) for m in norms)  # --vae_channel_norm, on by default
     torch.manual_seed(1)
     got = encode_latents(vae, pixels, masked)
     for a, b in zip(got, ref):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, groups, affine", [((2, 32, 8, 8), 8, True), ((3, 16, 5, 7), 4, False),
+                                                   ((2, 64, 40), 32, True)])  # 3D: the VAE attention's norm
+def test_norms_by_channel_equal_group_norm(shape, groups, affine):
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(groups, shape[1], eps=1e-6, affine=affine)
+    if affine:
+        torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    x = torch.randn(shape) * 3 + 50  # a large mean: per-channel statistics must combine exactly
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    truth = copy.deepcopy(norm).double()(x.double())
+    by_channel = norms_by_channel(copy.deepcopy(norm))
+    got = by_channel(x)
+    assert got.dtype == x.dtype and got.shape == x.shape
+    assert x.dim() == 3 or got.is_contiguous(memory_format=torch.channels_last)
+    native_err = (norm(x).double() - truth).abs().max()
+    assert (got.double() - truth).abs().max() <= max(native_err, 1e-5)  # at least as close as F.group_norm
+    assert by_channel.state_dict().keys() == norm.state_dict().keys()
+    compiled = torch.compile(by_channel, fullgraph=True, dynamic=False)
+    assert (compiled(x).double() - truth).abs().max() <= max(2 * native_err, 1e-5)
+    half = by_channel.half()(x.half())  # fp16 in, fp16 out, as in the VAE
+    assert half.dtype == torch.float16
+    assert torch.allclose(half.float(), norm.half()(x.half()).float(), atol=1e-2)
