@@ -306,8 +306,11 @@ def test_stage1_unet_from_a_released_stage2_unet(reference):
     assert all(torch.equal(state[k], expected[k]) for k in expected)
 
 
-def test_shell_script_sigterm_saves_and_exits(assets, tmp_path):
-    """`kill <finetune_stage1.sh>`: the trainer saves a checkpoint, the log has it all, exit 0."""
+@pytest.mark.parametrize("how", ["kill_script", "ctrl_c"])
+def test_shell_script_stop_saves_and_exits(assets, tmp_path, how):
+    """`kill <finetune_stage1.sh>` (SIGTERM to the script) or Ctrl-C (SIGINT to the terminal's process
+    group): the trainer saves a checkpoint, the log has it all, exit 0. The launcher must not see the
+    signal: accelerate launch >= 1.16 kills its child 5 s after its own SIGTERM (exit 143)."""
     out = tmp_path / "out"
     env = {**os.environ, "BASE_MODEL": str(assets / "sd"), "VAE": str(assets / "sd"), "DAVIS": str(assets / "DAVIS"),
            "YTBV": str(assets / "YTVOS"), "OUTPUT_DIR": str(out)}
@@ -322,7 +325,10 @@ def test_shell_script_sigterm_saves_and_exits(assets, tmp_path):
             log.read_text() if log.exists() else ""):
         time.sleep(0.5)
     time.sleep(3)  # a few training steps
-    proc.send_signal(signal.SIGTERM)
+    if how == "kill_script":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     text = log.read_text()
     assert "stopped at step" in text and "resume with --resume_from_checkpoint latest" in text
