@@ -41,8 +41,8 @@ CONFIGS = {
     "s1-default": ("stage1", dict()),  # the scripts' defaults: compiled and CUDA-graphed on a GPU
     "s1-eager": ("stage1", dict(compile=False, cuda_graph=False)),
     "s1-compile": ("stage1", dict(compile=True, cuda_graph=False)),
-    "s1-no_fold": ("stage1", dict(fold_clip=0)),
-    "s1-vae_native_norm": ("stage1", dict(vae_channel_norm=0)),  # the default with F.group_norm in the VAE  # the default with accelerate's unscale + clip, then the step
+    "s1-no_fold": ("stage1", dict(fold_clip=0)),  # the default with accelerate's unscale + clip, then the step
+    "s1-vae_native_norm": ("stage1", dict(vae_channel_norm=0)),  # the default with F.group_norm in the VAE
     "s1-graph_eager": ("stage1", dict(compile=False, cuda_graph=True)),
     "s1-no_cudnn_benchmark": ("stage1", dict(compile=False, cuda_graph=False, cudnn_benchmark=False)),
     "s1-channels_last": ("stage1", dict(compile=False, cuda_graph=False, channels_last=True)),
