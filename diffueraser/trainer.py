@@ -285,8 +285,9 @@ def place_frozen_encoders(args, vae, text_encoder, device, dtype):
     vae.to(device, dtype=dtype)
     text_encoder.to(device, dtype=dtype)
     if args.compile:  # no grad, one shape: one graph. Compiled, its norms run in NHWC too, so channels_last
-        vae.encoder.to(memory_format=torch.channels_last)  # pays here (124 -> 66 ms, bench runs 7-8); the
-        if getattr(args, "vae_channel_norm", 1):  # decoder (validation only) stays eager, NCHW
+        # pays here (124 -> 66 ms, bench runs 7-8); the decoder (validation only) stays eager, NCHW
+        vae.encoder.to(memory_format=torch.channels_last)
+        if getattr(args, "vae_channel_norm", 1):
             norms_by_channel(vae.encoder)
         vae.encoder.compile(fullgraph=True, dynamic=False)
 
