@@ -54,12 +54,18 @@ class DiffuEraserPipelineStage1(DiffusionPipeline):
         kept = (kept / (255.0 if kept.max() > 1 else 1.0) > 0.5).float()[:, None].to(self.device)  # (F, 1, H, W)
         pixels = torch.from_numpy(frames.astype(np.float32) / 255.0).permute(0, 3, 1, 2).to(self.device)
         # As in training: the hole is black (0 in [0, 1]) before the [-1, 1] normalisation.
-        masked = ((pixels * kept) * 2 - 1).to(self.vae.dtype)
-        # The posterior mean: deterministic, leaves every RNG alone (SD's VAE posterior std is tiny).
-        latents = torch.cat([self.vae.encode(chunk).latent_dist.mode() for chunk in masked.split(decode_chunk_size)])
-        latents = latents * self.vae.config.scaling_factor  # (F, 4, H/8, W/8)
+        latents = self.encode_pixels((pixels * kept) * 2 - 1, decode_chunk_size)  # (F, 4, H/8, W/8)
         latent_mask = F.interpolate(kept, size=latents.shape[-2:]).to(latents.dtype)
         return torch.cat([latents, latent_mask], dim=1)
+
+    def encode_pixels(self, pixels, decode_chunk_size):
+        """Scaled VAE latents (F, 4, H/8, W/8) of pixels (F, 3, H, W) in [-1, 1], a chunk of frames at a time.
+
+        The posterior mean: deterministic, leaves every RNG alone (SD's VAE posterior std is tiny).
+        """
+        pixels = pixels.to(self.device, self.vae.dtype)
+        latents = torch.cat([self.vae.encode(chunk).latent_dist.mode() for chunk in pixels.split(decode_chunk_size)])
+        return latents * self.vae.config.scaling_factor
 
     def decode_latents(self, latents, decode_chunk_size):
         """uint8 frames (F, H, W, 3) from latents (F, 4, H/8, W/8), decoded a chunk of frames at a time."""
@@ -84,12 +90,15 @@ class DiffuEraserPipelineStage1(DiffusionPipeline):
 
     @torch.no_grad()  # not inference_mode: models that keep training must not cache inference tensors
     def __call__(self, frames, masks, prompt="clean background", num_inference_steps=20, guidance_scale=0.0,
-                 conditioning_scale=1.0, generator=None, decode_chunk_size=8):
+                 conditioning_scale=1.0, generator=None, decode_chunk_size=8, init_latents=None, start_step=0):
         """Inpaint one clip; returns uint8 (F, H, W, 3).
 
         frames: uint8 (F, H, W, 3), H and W multiples of 8. masks: (F, H, W), hole = 0, kept = 1.
         guidance_scale > 1 adds classifier-free guidance against the empty prompt (two passes' worth
         of batch). generator: a torch.Generator for the initial noise (the global RNG is not used).
+        init_latents: clean latents (F, 4, H/8, W/8) of a prior (e.g. `encode_pixels` of ProPainter's
+        frames), noised to the schedule's timestep number `start_step` and denoised from there over the
+        remaining num_inference_steps - start_step steps (img2img); None starts from pure noise.
         """
         frames, masks = np.asarray(frames), np.asarray(masks)
         num_frames = frames.shape[0]
@@ -101,10 +110,18 @@ class DiffuEraserPipelineStage1(DiffusionPipeline):
             condition = torch.cat([condition, condition])
 
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        timesteps = self.scheduler.timesteps
         shape = (num_frames, 4) + tuple(condition.shape[-2:])
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        latents = latents * self.scheduler.init_noise_sigma  # (F, 4, H/8, W/8)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        if init_latents is None:
+            latents = latents * self.scheduler.init_noise_sigma  # (F, 4, H/8, W/8)
+        else:
+            if not 0 <= start_step < len(timesteps):
+                raise ValueError(f"start_step {start_step} is outside the {len(timesteps)}-step schedule")
+            timesteps = timesteps[start_step:]
+            self.scheduler.set_begin_index(start_step)
+            latents = self.scheduler.add_noise(init_latents.to(latents), latents, timesteps[:1])
+        for t in self.progress_bar(timesteps):
             model_input = torch.cat([latents, latents]) if do_cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             noise = self.predict_noise(model_input, t, embeds, condition, conditioning_scale, num_frames)
