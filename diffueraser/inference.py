@@ -126,7 +126,9 @@ def build_pipeline(stage, unet, brushnet, base, device, dtype):
 
     vae, text_encoder, tokenizer, scheduler = base
     for m in (unet, brushnet, vae, text_encoder):
-        m.to(device, dtype).eval().requires_grad_(False)
+        m.to(device).eval().requires_grad_(False)
+        if m.dtype != dtype:  # (diffusers warns on every dtype cast, even a no-op one)
+            m.to(dtype)
     cls = DiffuEraserPipelineStage2 if stage == "stage2" else DiffuEraserPipelineStage1
     pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, brushnet=brushnet,
                scheduler=scheduler)
