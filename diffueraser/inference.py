@@ -151,17 +151,20 @@ def window_starts(num_frames, nframes, overlap=0):
 
 
 def window_weights(starts, length):
-    """Per-window blending weights (length,) float32: a linear ramp over each frame range a window
-    shares with its neighbour, so the weights of two overlapping windows sum to 1 frame by frame."""
+    """Per-window blending weights (length,) float32 that sum to 1 on every frame: consecutive windows
+    cross-fade linearly over the frames they share, and a frame three windows cover (where the last,
+    moved-back window reaches into an earlier cross-fade) is left to that earlier pair."""
+    ends = [s + length for s in starts]
     weights = []
     for k, start in enumerate(starts):
         w = np.ones(length, np.float32)
-        if k > 0:
-            head = starts[k - 1] + length - start  # frames shared with the previous window
-            w[:head] = np.arange(1, head + 1) / (head + 1)
-        if k + 1 < len(starts):
-            tail = start + length - starts[k + 1]
-            w[length - tail:] = np.minimum(w[length - tail:], np.arange(tail, 0, -1) / (tail + 1))
+        if k > 0:  # fade in over [lo, hi) shared with window k-1; nothing before lo
+            lo, hi = max(start, ends[k - 2] if k > 1 else 0), ends[k - 1]
+            w[:lo - start] = 0
+            w[lo - start:hi - start] = np.arange(1, hi - lo + 1) / (hi - lo + 1)
+        if k + 1 < len(starts):  # fade out over the range window k+1 fades in
+            lo, hi = max(starts[k + 1], ends[k - 1] if k > 0 else 0), ends[k]
+            w[lo - start:] = np.arange(hi - lo, 0, -1) / (hi - lo + 1)
         weights.append(w)
     return weights
 
