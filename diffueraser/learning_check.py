@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import torch
 
 RESOLUTION = 16  # frames (latents 8x8 with the 2x VAE below): a training step costs ~0.1 s on a CPU core
+# The hole PSNR must rise by more than this (dB). Measured rises and the noise level: train.md, "Evaluate".
+MIN_RISE_DB = 0.5
 NFRAMES = 8      # frames per training clip: more data per step (the UNet is 2D; frames are independent)
 
 

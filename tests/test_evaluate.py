@@ -49,9 +49,9 @@ def eval_argv(assets, out, *extra, weights=("a=w1", "b=w2")):
 
 
 def scores(results):
-    """Everything but timings: per video and per weight set, and the means."""
-    return {"means": results["means"],
-            "videos": {v: {k: s for k, s in row.items() if k != "seconds"} for v, row in results["videos"].items()}}
+    """Everything but timings (per video and weight set, and the means) as JSON text: nan equals nan."""
+    return json.dumps({"means": results["means"], "videos": {
+        v: {k: s for k, s in row.items() if k != "seconds"} for v, row in results["videos"].items()}}, sort_keys=True)
 
 
 @pytest.fixture(scope="session")
