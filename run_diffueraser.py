@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffueraser.inference import (build_pipeline, composite, dilate_holes, load_base_models, load_weights,
-                                   make_deterministic, pick_device, rounded_size, sample_video,
+                                   deterministic, pick_device, rounded_size, sample_video,
                                    unet_class_name, window_starts)
 from diffueraser.validation import list_images
 
@@ -152,7 +152,6 @@ def inpaint(args):
     strength = args.prior_strength if args.prior_steps is None else args.prior_steps / args.steps
     if prior is not None and not 0 < strength <= 1:
         raise SystemExit(f"--prior_strength/--prior_steps: {strength:g} of --steps {args.steps} is not in (0, 1]")
-    make_deterministic()
     device, dtype = pick_device(args.dtype)
     unet, brushnet = load_weights(args.weights, stage)
     pipe = build_pipeline(stage, unet, brushnet, load_base_models(args.base_model_name_or_path, args.vae_path),
@@ -163,7 +162,7 @@ def inpaint(args):
     small_holes = resize_all(holes.astype(np.uint8) * 255, (h, w), cv2.INTER_LINEAR) > 0
     small_prior = None if prior is None else resize_all(prior, (h, w), cv2.INTER_AREA)
     windows = len(window_starts(n, min(nframes, n), args.overlap))
-    with tqdm(total=windows, desc=f"inpaint ({stage}, {w}x{h})", unit="clip") as progress:
+    with deterministic(), tqdm(total=windows, desc=f"inpaint ({stage}, {w}x{h})", unit="clip") as progress:
         result = sample_video(pipe, small, small_holes, nframes, args.overlap, args.seed, "", args.steps,
                               prior=small_prior, prior_strength=strength, on_window=lambda k: progress.update(1),
                               prompt=args.prompt, guidance_scale=args.guidance_scale)

@@ -22,8 +22,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dataset.utils import random_shape_masks
-from diffueraser.inference import (build_pipeline, composite, dilate_holes, load_base_models, load_weights,
-                                   make_deterministic, pick_device, sample_video, window_starts)
+from diffueraser.inference import (build_pipeline, composite, load_base_models, load_weights,
+                                   deterministic, pick_device, sample_video, window_starts)
 from diffueraser.validation import list_images, make_strips, read_hole, resize_center_crop, save_gif
 
 METRICS = ("psnr", "ssim", "psnr_hole", "ssim_hole", "lpips")
@@ -262,8 +262,12 @@ def mean(values):
 # ----------------------------------------------------------------------------- the run
 def evaluate(args, stage):
     """Run the evaluation; returns the results dict also written to results.json."""
+    with deterministic():
+        return run_evaluation(args, stage)
+
+
+def run_evaluation(args, stage):
     start_time = time.time()
-    make_deterministic()
     device, dtype = pick_device(args.dtype)
     base = load_base_models(args.base_model_name_or_path, args.vae_path)
     pipes = {}
@@ -274,12 +278,13 @@ def evaluate(args, stage):
     scorer = None if args.annotations else Scorer(args, device)
     videos = list_videos(args)
     os.makedirs(args.output_dir, exist_ok=True)
-    loaded = [(name, *load_frames(folder, args)) for name, folder in videos]
-    total = sum(len(window_starts(len(f), min(args.nframes, len(f)), args.overlap)) for _, f, _ in loaded)
+    lengths = [len(list_images(folder)[:args.max_frames]) for _, folder in videos]
+    total = sum(len(window_starts(n, min(args.nframes, n), args.overlap)) for n in lengths)
     progress = tqdm(total=total * len(pipes), desc=f"evaluate {stage}", unit="clip")
     per_video, frames_scores, acts = {}, {n: {k: [] for k in METRICS} for n in pipes}, {"gt": []}
     sampling_time, gifs = 0.0, []
-    for video, frames, files in loaded:
+    for video, folder in videos:  # one video in memory at a time
+        frames, files = load_frames(folder, args)
         holes = video_holes(args, video, frames, files)
         video_start, results = time.time(), {}
         for name, pipe in pipes.items():
@@ -295,10 +300,10 @@ def evaluate(args, stage):
             per_video[video].update(score_video(scorer, frames, holes, results, frames_scores, acts))
         tqdm.write(f"{video}: {len(frames)} frames, {seconds:.1f} s ({seconds / len(pipes):.1f} s per weight set)")
     progress.close()
-    results = summarize(args, stage, device, dtype, per_video, frames_scores, acts, scorer, loaded)
+    results = summarize(args, stage, device, dtype, per_video, frames_scores, acts, scorer, frames.shape[1:3])
     results["timing"] = dict(total_s=time.time() - start_time, sampling_s=sampling_time, clips_per_weight_set=total,
                              clips_per_s=total * len(pipes) / sampling_time,
-                             s_per_video_per_weight_set=sampling_time / len(loaded) / len(pipes))
+                             s_per_video_per_weight_set=sampling_time / len(videos) / len(pipes))
     results["gifs"] = gifs
     write_outputs(args.output_dir, results)
     print_results(results)
@@ -321,7 +326,7 @@ def score_video(scorer, frames, holes, results, frames_scores, acts):
     return out
 
 
-def summarize(args, stage, device, dtype, per_video, frames_scores, acts, scorer, loaded):
+def summarize(args, stage, device, dtype, per_video, frames_scores, acts, scorer, size):
     names = list(args.weights)
     means = {}
     if scorer:
@@ -333,10 +338,11 @@ def summarize(args, stage, device, dtype, per_video, frames_scores, acts, scorer
                     means[name]["vfid"] = scorer.metrics.vfid(np.stack(acts["gt"]), np.stack(acts[name]))
                 if len(acts["gt"]) < 2:
                     scorer.note_once("VFID is nan: it needs at least 2 videos")
-    h, w = loaded[0][1].shape[1:3]
+    h, w = size
     mask_source = ("DAVIS annotations, dilated (object removal: no ground truth, no scores)" if args.annotations
                    else f"read from {args.masks}" if args.masks else f"generated, seed {args.mask_seed} per video name")
-    settings = dict(stage=stage, weights=args.weights, videos=len(loaded), frames=sum(len(f) for _, f, _ in loaded),
+    settings = dict(stage=stage, weights=args.weights, videos=len(per_video),
+                    frames=sum(row["frames"] for row in per_video.values()),
                     size=("native (multiple of 8)" if args.native else f"{w}x{h}"), nframes=args.nframes,
                     overlap=args.overlap, steps=args.steps, guidance_scale=args.guidance_scale, prompt=args.prompt,
                     seed=args.seed, masks=mask_source, composite_blur=args.blur, device=str(device),

@@ -11,6 +11,7 @@ pipelines take kept = 1 - hole).
 import argparse
 import os
 import zlib
+from contextlib import contextmanager
 
 import cv2
 import numpy as np
@@ -28,14 +29,23 @@ def pick_device(dtype_flag=None):
     return torch.device("cpu"), dtypes[dtype_flag or "fp32"]
 
 
-def make_deterministic():
-    """Same numbers on every run: deterministic cuDNN / cuBLAS kernels (a little slower on GPUs)."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+@contextmanager
+def deterministic():
+    """Same numbers on every run inside: deterministic cuDNN / cuBLAS kernels, no TF32 (a little slower
+    on GPUs); the previous settings come back afterwards (tests share one process)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when CUDA starts
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = saved[:4]
+        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
 
 
 def rounded_size(height, width, max_side=None, multiple=8):
