@@ -12,6 +12,7 @@ DAVIS=${DAVIS:-data/DAVIS}
 YTBV=${YTBV:-data/YTBV}
 OUTPUT_DIR=${OUTPUT_DIR:-finetune-stage1}
 PRETRAINED_STAGE1=${PRETRAINED_STAGE1:-}        # e.g. $WEIGHTS/diffuEraser to start from the released weights
+MIXED_PRECISION=${MIXED_PRECISION:-fp16}           # bf16 on Ampere+ (no loss scaling needed), no = fp32
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}        # e.g. configs/accelerate_2gpu.yaml
 VAL_IMAGES=${VAL_IMAGES:-"['$DAVIS/JPEGImages/480p/bear', '$DAVIS/JPEGImages/480p/boat']"}
 VAL_MASKS=${VAL_MASKS:-"['$DAVIS/Annotations/480p/bear', '$DAVIS/Annotations/480p/boat']"}
@@ -23,7 +24,7 @@ LOG="$OUTPUT_DIR/train_stage1.log"
 echo "logging to $LOG"
 
 # Ctrl-C or `kill <this script>`: the trainer saves a checkpoint and exits cleanly.
-run_logged "$LOG" accelerate launch ${ACCELERATE_CONFIG:+--config_file "$ACCELERATE_CONFIG"} --mixed_precision fp16 \
+run_logged "$LOG" accelerate launch ${ACCELERATE_CONFIG:+--config_file "$ACCELERATE_CONFIG"} --mixed_precision "$MIXED_PRECISION" \
   "$REPO/train_DiffuEraser_stage1.py" \
   --base_model_name_or_path "$BASE_MODEL" \
   --vae_path "$VAE" \
@@ -31,7 +32,7 @@ run_logged "$LOG" accelerate launch ${ACCELERATE_CONFIG:+--config_file "$ACCELER
   --davis_root "$DAVIS" \
   --ytvos_root "$YTBV" \
   --output_dir "$OUTPUT_DIR" \
-  --mixed_precision fp16 \
+  --mixed_precision "$MIXED_PRECISION" \
   --resolution 512 \
   --nframes 10 \
   --learning_rate 5e-06 \
