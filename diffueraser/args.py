@@ -69,6 +69,10 @@ def add_speed_args(parser):
     g.add_argument("--compile", type=int, nargs="?", const=1, default=None, choices=[0, 1],
                    help="torch.compile the UNet, BrushNet and VAE encoder (default: on with CUDA, off on CPU and under "
                         "DeepSpeed; the first step then takes a few minutes to compile). --compile 0 turns it off.")
+    g.add_argument("--compile_cache", type=str, default=None,
+                   help="Folder for torch.compile's cache (default <output_dir>/compile_cache; 'none': torch's own "
+                        "temporary folder). Kept with the run, so a resume on a new machine starts in about a "
+                        "minute instead of compiling again.")
     g.add_argument("--vae_channel_norm", type=int, default=1, choices=[0, 1],
                    help="With --compile: the VAE encoder's GroupNorms take statistics per channel, then per group, "
                         "so the channels-last encoder never copies an activation to NCHW order (same result).")

@@ -30,6 +30,7 @@ from diffueraser.checkpoints import (abandon_newer_checkpoints, checkpoint_step,
 from diffueraser.validation import Validator
 
 logger = get_logger("diffueraser")
+START = time.time()  # when the process imported the trainer: "first step after N s" counts from here
 
 
 @dataclass
@@ -278,6 +279,20 @@ class StepGraph:
 
 def weight_dtype_of(accelerator):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def use_compile_cache(args):
+    """Keep torch.compile's cache (inductor's FX graphs, AOT autograd and Triton kernels) beside the
+    checkpoints, in `--compile_cache` (default <output_dir>/compile_cache), so a resume on another
+    machine reuses what the first run compiled instead of compiling for minutes again.
+    Returns the folder in use, or None ('none': torch's own temporary folder)."""
+    if not args.compile:
+        return None
+    if args.compile_cache != "none":  # read by inductor whenever it compiles (importing diffusers sets a default)
+        folder = os.path.abspath(args.compile_cache or os.path.join(args.output_dir, "compile_cache"))
+        os.makedirs(folder, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default folder")
 
 
 def place_frozen_encoders(args, vae, text_encoder, device, dtype):
@@ -659,12 +674,29 @@ def update(accelerator, args, state, loss, params, optimizer, lr_scheduler):
     return True
 
 
+def report_peak_memory(accelerator):
+    """One line with this process's peak GPU memory (training and validation), where there is a GPU."""
+    if accelerator.device.type == "cuda":
+        gib = 2 ** 30
+        accelerator.print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / gib:.1f} GiB allocated, "
+                          f"{torch.cuda.max_memory_reserved() / gib:.1f} GiB reserved")
+
+
+def timed(accelerator, what, fn, *args):
+    """fn(*args), then a log line saying how long it took."""
+    start = time.time()
+    result = fn(*args)
+    accelerator.print(f"{what}: {time.time() - start:.0f} s")
+    return result
+
+
 def train(args, stage):
     """Run a stage from parsed and checked arguments."""
     accelerator = make_accelerator(args)
     args.compile = resolve_compile(args.compile, accelerator)
     args.cuda_graph = resolve_cuda_graph(args.cuda_graph, args, accelerator)
     os.makedirs(args.output_dir, exist_ok=True)
+    cache = use_compile_cache(args)
     tokenizer, text_encoder, vae, noise_scheduler = load_frozen_models(args)
     weight_dtype = weight_dtype_of(accelerator)
     place_frozen_encoders(args, vae, text_encoder, accelerator.device, weight_dtype)
@@ -682,7 +714,7 @@ def train(args, stage):
     stop = StopRequest()
     if args.compile:
         accelerator.print("torch.compile is on: the first step and the first validation compile the blocks "
-                          "(minutes, once per shape); --compile 0 turns it off")
+                          f"(minutes, once per shape; seconds with a warm cache in {cache}); --compile 0 turns it off")
     accelerator.print(f"{stage.name}: {sum(p.numel() for p in params) / 1e6:.1f} M trainable parameters, "
                       f"{len(dataloader.dataset)} clips, {steps_per_epoch} steps/epoch, "
                       f"{args.max_train_steps} steps, {accelerator.num_processes} process(es)")
@@ -690,7 +722,7 @@ def train(args, stage):
                     disable=not accelerator.is_local_main_process)
     models = (unet, brushnet, vae, text_encoder, tokenizer, noise_scheduler)
     if validate and global_step == 0:
-        validate(accelerator, models, 0)
+        timed(accelerator, "validation at step 0 (compiling included)", validate, accelerator, models, 0)
     state = update_state(global_step)
     first_epoch = global_step // steps_per_epoch
     skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
@@ -707,6 +739,7 @@ def train(args, stage):
         accelerator.print(f"CUDA graph is on: step {step_fn.warmup + 1} captures the forward + backward, later "
                           "steps replay it; --cuda_graph 0 turns it off")
     epoch = first_epoch
+    loop_start = time.time()
     while state["step"] < args.max_train_steps:  # skipped (non-finite) updates do not count as steps
         if hasattr(dataloader, "set_epoch"):
             dataloader.set_epoch(epoch)
@@ -720,18 +753,23 @@ def train(args, stage):
                 if not update(accelerator, args, state, loss, params, optimizer, lr_scheduler):
                     continue
             progress.update(1)
+            if state["step"] == global_step + 1:
+                accelerator.print(f"first step done {time.time() - START:.0f} s after start, "
+                                  f"{time.time() - loop_start:.0f} s of it in the step (compiling included)")
             logs = {"loss": state["loss"], "lr": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(**logs)
             accelerator.log(logs, step=state["step"])
             stopping = stop.agreed(accelerator)
             if state["step"] % args.checkpointing_steps == 0 or stopping:
+                start = time.time()
                 path = save_checkpoint(accelerator, args.output_dir, state["step"], args.checkpoints_total_limit,
                                        marker)
-                accelerator.print(f"saved {path}")
+                accelerator.print(f"saved {path} in {time.time() - start:.0f} s")
             if validate and state["step"] % args.validation_steps == 0:
                 validate(accelerator, models, state["step"])
             if stopping:
                 progress.close()
+                report_peak_memory(accelerator)
                 accelerator.end_training()
                 accelerator.print(f"stopped at step {state['step']}; resume with --resume_from_checkpoint latest")
                 return state["step"]
@@ -742,7 +780,12 @@ def train(args, stage):
     progress.close()
     accelerator.wait_for_everyone()
     if global_step % args.checkpointing_steps:
-        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, marker)
+        start = time.time()
+        path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, marker)
+        accelerator.print(f"saved {path} in {time.time() - start:.0f} s")
+    if validate and global_step % args.validation_steps:  # every run ends with a picture of its weights
+        validate(accelerator, models, global_step)
+    report_peak_memory(accelerator)
     if accelerator.is_main_process:
         save_final_models(accelerator, unet, brushnet, args.output_dir, sources)
     accelerator.end_training()
