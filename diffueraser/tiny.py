@@ -22,6 +22,13 @@ TINY_MOTION_ADAPTER = dict(
     motion_num_attention_heads=2, motion_norm_num_groups=2, motion_max_seq_length=32,
     use_motion_mid_block=True,
 )
+# Smaller still, for compiled runs on a CPU (every block shape is compiled on its own): 2 levels,
+# 1 layer each; the last width is 32 because the motion up block always has 32 norm groups.
+MICRO_UNET = dict(TINY_UNET, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], block_out_channels=[16, 32], layers_per_block=1,
+                  norm_num_groups=4)
+MICRO_MOTION_ADAPTER = dict(TINY_MOTION_ADAPTER, block_out_channels=[16, 32], motion_layers_per_block=1,
+                            motion_norm_num_groups=4)
 TINY_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 16, 16, 16],
     down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
@@ -88,8 +95,9 @@ def build_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def write_tiny_sd(path, seed=0, full=False):
-    """Write a tiny (or, with `full`, SD1.5-size) random base model folder; returns its path.
+def write_tiny_sd(path, seed=0, size="tiny"):
+    """Write a random SD1.5-layout base model folder, size "tiny", "micro" or "full" (SD1.5's);
+    returns its path.
 
     The tokenizer is always the tiny one (no download); its ids fit both text encoders.
     """
@@ -103,6 +111,7 @@ def write_tiny_sd(path, seed=0, full=False):
     write_tiny_tokenizer(os.path.join(path, "tokenizer"))
     with open(os.path.join(path, "tokenizer", "vocab.json")) as f:
         vocab = len(json.load(f))
+    full = size == "full"
     if full:
         text_cfg = CLIPTextConfig(**SD15_TEXT)
     else:
@@ -110,7 +119,8 @@ def write_tiny_sd(path, seed=0, full=False):
                                   num_attention_heads=2, max_position_embeddings=77, projection_dim=20)
     text_cfg.bos_token_id, text_cfg.eos_token_id = vocab - 2, vocab - 1
     with torch.device(build_device()):
-        UNet2DConditionModel(**(SD15_UNET if full else TINY_UNET)).save_pretrained(os.path.join(path, "unet"))
+        unet = dict(tiny=TINY_UNET, micro=MICRO_UNET, full=SD15_UNET)[size]
+        UNet2DConditionModel(**unet).save_pretrained(os.path.join(path, "unet"))
         AutoencoderKL(**(SD15_VAE if full else TINY_VAE)).save_pretrained(os.path.join(path, "vae"))
         CLIPTextModel(text_cfg).save_pretrained(os.path.join(path, "text_encoder"))
     DDPMScheduler(**TINY_SCHEDULER).save_pretrained(os.path.join(path, "scheduler"))
@@ -119,15 +129,15 @@ def write_tiny_sd(path, seed=0, full=False):
     return path
 
 
-def write_tiny_motion_adapter(path, seed=0, full=False):
-    """Write a tiny (or, with `full`, v1-5-2-size) random MotionAdapter folder; returns its path."""
+def write_tiny_motion_adapter(path, seed=0, size="tiny"):
+    """Write a random MotionAdapter folder, size "tiny", "micro" or "full" (v1-5-2's); returns its path."""
     import torch
 
     from libs.unet_motion_model import MotionAdapter
 
     torch.manual_seed(seed)
     with torch.device(build_device()):
-        MotionAdapter(**({} if full else TINY_MOTION_ADAPTER)).save_pretrained(path)
+        MotionAdapter(**dict(tiny=TINY_MOTION_ADAPTER, micro=MICRO_MOTION_ADAPTER, full={})[size]).save_pretrained(path)
     return path
 
 
