@@ -226,24 +226,33 @@ class InceptionI3d(nn.Module):
         return x
 
 
-def load_i3d(path, device="cpu"):
-    """InceptionI3d with the state dict at `path` (i3d_rgb_imagenet.pt) loaded strictly: a missing,
-    unexpected or misshapen tensor is an error naming the key (SystemExit, one line)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: I3D weights not found (i3d_rgb_imagenet.pt, needed for VFID)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model = InceptionI3d()
-    expected = model.state_dict()
-    # Old checkpoints lack BatchNorm's num_batches_tracked; torch's loader fills it with 0.
+def _check_state_dict(path, state, expected, what):
+    """SystemExit (one line) naming the first missing, unexpected or misshapen key of `state`
+    against the `expected` state dict. BatchNorm's num_batches_tracked may be absent (old
+    checkpoints lack it; torch's loader fills it with 0)."""
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
         k = (missing or unexpected or wrong)[0]
-        what = ("missing" if missing else "unexpected" if unexpected
-                else f"shape {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}:")
-        raise SystemExit(f"{path}: not an I3D state dict: {what} {k} "
+        why = ("missing" if missing else "unexpected" if unexpected
+               else f"shape {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}:")
+        raise SystemExit(f"{path}: not {what}: {why} {k} "
                          f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} misshapen)")
+
+
+def _load_state_dict_file(path, what):
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: {what} not found")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_i3d(path, device="cpu"):
+    """InceptionI3d with the state dict at `path` (i3d_rgb_imagenet.pt) loaded strictly: a missing,
+    unexpected or misshapen tensor is an error naming the key (SystemExit, one line)."""
+    state = _load_state_dict_file(path, "I3D weights (i3d_rgb_imagenet.pt, needed for VFID)")
+    model = InceptionI3d()
+    _check_state_dict(path, state, model.state_dict(), "an I3D state dict")
     model.load_state_dict(state, strict=True)
     return model.to(device)
 
@@ -367,3 +376,58 @@ def vfid(real_acts, fake_acts):
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+# ---------------------------------------------------------------------------------------------
+# LPIPS (AlexNet, v0.1) through the `lpips` package, which ships its small linear layers. Its
+# AlexNet backbone would be downloaded by torchvision, so it is built untrained here and the
+# user's local copy of torchvision's ImageNet AlexNet (alexnet-owt-7be5be79.pth) is loaded into it.
+
+LPIPS_WEIGHTS_NOTE = "torchvision's ImageNet AlexNet state dict (alexnet-owt-7be5be79.pth)"
+
+
+def lpips_available(path):
+    """(True, "") when LPIPS can be computed offline with the AlexNet weights at `path`, else
+    (False, a one-line note saying why, for the evaluation's output)."""
+    try:
+        import lpips  # noqa: F401
+    except ImportError:
+        return False, "LPIPS skipped: the lpips package is not installed (pip install lpips)"
+    if not path:
+        return False, f"LPIPS skipped: no --lpips_weights given ({LPIPS_WEIGHTS_NOTE})"
+    if not os.path.isfile(path):
+        return False, f"LPIPS skipped: {path} not found ({LPIPS_WEIGHTS_NOTE})"
+    return True, ""
+
+
+def load_lpips(path, device="cpu"):
+    """The LPIPS (AlexNet, v0.1) model with its backbone loaded strictly from the `features.*`
+    tensors at `path` (the classifier's are ignored), in eval mode; nothing is downloaded. Errors
+    (SystemExit, one line) name the path or the key."""
+    import lpips
+
+    state = _load_state_dict_file(path, f"LPIPS backbone weights ({LPIPS_WEIGHTS_NOTE})")
+    with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=False`
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
+    # lpips splits alexnet.features into 5 slices whose children keep their index there
+    layers = {index: layer for part in model.net.children() for index, layer in part.named_children()}
+    expected = {f"features.{i}.{k}": v for i, layer in layers.items() for k, v in layer.state_dict().items()}
+    _check_state_dict(path, {k: v for k, v in state.items() if k.startswith("features.")}, expected,
+                      "an AlexNet state dict")
+    for index, layer in layers.items():
+        layer.load_state_dict({k: state[f"features.{index}.{k}"] for k in layer.state_dict()})
+    return model.eval().requires_grad_(False).to(device)
+
+
+@torch.no_grad()
+def lpips_distance(model, gt, pred):
+    """LPIPS between two (H, W, 3) frames in [0, 255] (uint8 or float), scaled to [-1, 1] as LPIPS
+    expects; lower is closer, 0 for identical frames."""
+    gt, pred = _as_float64(gt, pred)
+    device = next(model.parameters()).device
+
+    def to_tensor(a):  # (H, W, 3) [0, 255] -> (1, 3, H, W) [-1, 1]
+        return torch.from_numpy(a / 127.5 - 1).float().permute(2, 0, 1).unsqueeze(0).to(device)
+
+    return float(model(to_tensor(gt), to_tensor(pred)).item())

@@ -120,7 +120,7 @@ def test_load_i3d_is_strict(i3d, tmp_path):
     torch.save(broken, path)
     with pytest.raises(SystemExit, match=r"Conv3d_2b_1x1.conv3d.weight"):
         M.load_i3d(str(path))
-    with pytest.raises(SystemExit, match="nowhere.pt: I3D weights not found"):
+    with pytest.raises(SystemExit, match=r"nowhere.pt: I3D weights .* not found"):
         M.load_i3d(str(tmp_path / "nowhere.pt"))
 
 
@@ -164,3 +164,27 @@ def test_vfid_matches_reference(mode, activations, i3d_ref):
 def test_vfid_of_one_video_is_nan(i3d_ref):
     with pytest.warns(UserWarning, match="at least 2 videos"):
         assert math.isnan(M.vfid(i3d_ref["act_eval_real"][:1], i3d_ref["act_eval_fake"][:1]))
+
+
+def test_lpips_from_local_alexnet_weights(tmp_path, frames):
+    import torchvision
+
+    assert M.lpips_available(None)[0] is False
+    available, note = M.lpips_available(str(tmp_path / "alexnet.pth"))
+    assert not available and "alexnet.pth not found" in note
+    torch.manual_seed(0)
+    backbone = torchvision.models.alexnet(weights=None)  # stands in for the ImageNet weights
+    path = tmp_path / "alexnet.pth"
+    features = {k: v for k, v in backbone.state_dict().items() if k.startswith("features.")}
+    torch.save(features, path)  # the classifier's tensors are not needed (and ignored when there)
+    assert M.lpips_available(str(path)) == (True, "")
+    model = M.load_lpips(str(path))
+    assert torch.equal(getattr(model.net.slice5, "10").weight, backbone.features[10].weight)
+    gt = frames["S_72x104"]
+    assert M.lpips_distance(model, gt, gt) == 0
+    near = M.lpips_distance(model, gt, frames["S_72x104_avg_float32"])
+    assert 0 < near < M.lpips_distance(model, gt, frames["S_72x104_noise_sigma10"])
+    del features["features.3.weight"]
+    torch.save(features, path)
+    with pytest.raises(SystemExit, match="missing features.3.weight"):
+        M.load_lpips(str(path))
