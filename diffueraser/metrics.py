@@ -306,23 +306,32 @@ def frames_to_i3d_input(frames):
     x = torch.as_tensor(np.asarray(frames))
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"frames must be (T, H, W, 3); got {tuple(x.shape)}")
-    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    elif not x.is_floating_point():
+        raise ValueError(f"frames must be uint8 or float in [0, 1]; got {x.dtype}")
+    elif x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f"float frames must be in [0, 1]; got values in [{x.min():.3g}, {x.max():.3g}]")
+    else:
+        x = x.float()
     return x.permute(3, 0, 1, 2).unsqueeze(0)
 
 
 @contextmanager
-def _batch_statistics(model):
-    """Run BatchNorm on each input's own statistics (train mode) and put the stored running
-    statistics and the train/eval flag back afterwards."""
+def _norm_mode(model, batch_stats):
+    """Run BatchNorm on each input's own statistics (train mode, batch_stats=True) or on the stored
+    running statistics (eval mode); afterwards the running statistics and the train/eval flag are
+    as before (train mode would otherwise update them)."""
     was_training = model.training
-    saved = {k: v.clone() for k, v in model.named_buffers()}
-    model.train()
+    saved = {k: v.clone() for k, v in model.named_buffers()} if batch_stats else {}
+    model.train(batch_stats)
     try:
         yield
     finally:
         with torch.no_grad():
             for k, v in model.named_buffers():
-                v.copy_(saved[k])
+                if k in saved:
+                    v.copy_(saved[k])
         model.train(was_training)
 
 
@@ -336,16 +345,9 @@ def i3d_activations(model, frames, batch_stats=True):
     running statistics are left unchanged. It needs more than 8 frames or a side above 32 px.
     batch_stats=False uses the stored running statistics (eval mode).
     On CUDA, TF32 convolutions (torch.backends.cudnn.allow_tf32) move the values slightly."""
-    device = next(model.parameters()).device
-    x = frames_to_i3d_input(frames).to(device)
-    if batch_stats:
-        with _batch_statistics(model):
-            h = model(x)
-    else:
-        was_training = model.training
-        model.eval()
-        h = model(x)
-        model.train(was_training)
+    x = frames_to_i3d_input(frames).to(next(model.parameters()).device)
+    with _norm_mode(model, batch_stats):
+        h = model(x)  # (1, 1024, T', H', W')
     return h.mean(4).mean(3).mean(2)[0].float().cpu().numpy()
 
 

@@ -128,6 +128,10 @@ def test_i3d_input_is_the_reference_tensor(i3d_ref):
     for side in ("real", "fake"):
         want = torch.from_numpy(i3d_ref[f"input_{side}_0"]).transpose(1, 2)  # (1, 3, T, H, W)
         assert torch.equal(M.frames_to_i3d_input(i3d_ref[f"video_{side}_0"]), want)
+        as_float = i3d_ref[f"input_{side}_0"][0].transpose(0, 2, 3, 1)  # (T, H, W, 3) in [0, 1]
+        assert torch.equal(M.frames_to_i3d_input(as_float), want)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        M.frames_to_i3d_input(i3d_ref["video_real_0"].astype(np.float32))
 
 
 def test_i3d_activations_eval_mode(activations, i3d_ref):
