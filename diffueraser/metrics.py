@@ -111,7 +111,7 @@ def masked_ssim(gt, pred, hole):
 
 BN_EPS, BN_MOMENTUM = 0.001, 0.01
 
-# Inception modules: (name, in_channels, (b0, b1a, b1b, b2a, b2b, b3b) out_channels)
+# Inception modules: name -> (in_channels, out_channels of b0, b1a, b1b, b2a, b2b, b3b)
 MIXED = {
     "Mixed_3b": (192, (64, 96, 128, 16, 32, 32)),
     "Mixed_3c": (256, (128, 128, 192, 32, 96, 64)),
@@ -242,9 +242,16 @@ def _check_state_dict(path, state, expected, what):
 
 
 def _load_state_dict_file(path, what):
+    """The tensors of a torch.save'd state dict (no code is unpickled); SystemExit naming the path."""
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: {what} not found")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt file or a pickled model: one line, not a traceback
+        raise SystemExit(f"{path}: not a readable state dict ({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise SystemExit(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def load_i3d(path, device="cpu"):

@@ -122,6 +122,9 @@ def test_load_i3d_is_strict(i3d, tmp_path):
         M.load_i3d(str(path))
     with pytest.raises(SystemExit, match=r"nowhere.pt: I3D weights .* not found"):
         M.load_i3d(str(tmp_path / "nowhere.pt"))
+    path.write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="i3d.pt: not a readable state dict"):
+        M.load_i3d(str(path))
 
 
 def test_i3d_input_is_the_reference_tensor(i3d_ref):
