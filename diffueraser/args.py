@@ -212,7 +212,9 @@ def check_resume(resume, output_dir):
 
 
 def note_ignored_flags(args):
-    """One line per flag of the original scripts that means nothing here."""
+    """One line per flag of the original scripts that means nothing here (first process only)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     for flag in ("hub_token", "hub_model_id"):
         if getattr(args, flag, None):
             print(f"--{flag}: ignored: this toolkit never uploads")
