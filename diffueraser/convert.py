@@ -83,6 +83,7 @@ def convert(checkpoint, output_dir, unet_cls, brushnet_cls, unet_config, brushne
             force=False):
     """Write `output_dir/unet_main` and `output_dir/brushnet` from an accelerate checkpoint; BrushNet
     from its `model_1.safetensors`, else copied from the folder `brushnet_fallback`."""
+    output_dir = os.path.abspath(output_dir)
     prepare_output(output_dir, force)
     try:
         states = load_checkpoint_models(checkpoint)
@@ -124,7 +125,7 @@ def recover_output(output_dir):
     if os.path.isdir(retired):
         if os.path.exists(output_dir):
             shutil.rmtree(retired)
-        else:  # killed between the two renames of swap_in's fallback: the old output goes back
+        else:  # killed between the two renames of replace_output's fallback: the old output goes back
             os.rename(retired, output_dir)
             print(f"{output_dir}: restored the previous output a killed conversion had set aside")
     shutil.rmtree(staging, ignore_errors=True)
@@ -141,8 +142,8 @@ def prepare_output(output_dir, force):
     entries = sorted(os.listdir(output_dir))
     others = [e for e in entries if e not in OUTPUT_MODELS]
     if others:
-        raise SystemExit(f"--output_dir: {output_dir} holds more than unet_main/ and brushnet/ ({', '.join(others[:5])}); "
-                         "the whole folder is replaced: give a new or empty folder")
+        raise SystemExit(f"--output_dir: {output_dir} holds more than unet_main/ and brushnet/ "
+                         f"({', '.join(others[:5])}); the whole folder is replaced: give a new or empty folder")
     if entries and not force:
         raise SystemExit(f"--output_dir: {output_dir} already holds unet_main/ or brushnet/ (use --force)")
 
