@@ -50,7 +50,8 @@ def add_optim_args(parser):
     g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
     g.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
-    g.add_argument("--set_grads_to_none", action="store_true", help="Free gradients between steps (default in torch).")
+    g.add_argument("--set_grads_to_none", action="store_true",
+                   help="No effect, accepted for the original scripts: gradients are always set to None between steps.")
     g.add_argument("--max_bad_steps", type=int, default=20,
                    help="Stop after this many updates in a row skipped for a non-finite loss (or, without "
                         "fp16's loss scaler, non-finite gradients).")
@@ -111,6 +112,14 @@ def add_run_args(parser, output_dir_default):
     g.add_argument("--validation_inference_steps", type=int, default=20, help="Sampler steps for validation.")
 
 
+def add_compat_args(parser):
+    g = parser.add_argument_group("accepted for compatibility with the original scripts (no effect here)")
+    g.add_argument("--cache_dir", type=str, default=None,
+                   help="No effect: every model is read from a local folder, nothing is downloaded or cached.")
+    g.add_argument("--hub_token", type=str, default=None, help="Ignored: this toolkit never uploads.")
+    g.add_argument("--hub_model_id", type=str, default=None, help="Ignored: this toolkit never uploads.")
+
+
 def build_parser(description, output_dir_default, nframes_default):
     parser = argparse.ArgumentParser(description=description)
     add_model_args(parser)
@@ -118,6 +127,7 @@ def build_parser(description, output_dir_default, nframes_default):
     add_optim_args(parser)
     add_speed_args(parser)
     add_run_args(parser, output_dir_default)
+    add_compat_args(parser)
     parser.set_defaults(nframes=nframes_default)
     return parser
 
@@ -150,10 +160,67 @@ def check_args(args):
                  "validation_steps"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag}: {getattr(args, flag)} must be at least 1")
-    resume = args.resume_from_checkpoint
-    if resume and resume != "latest" and not os.path.isdir(resume) \
-            and not os.path.isdir(os.path.join(args.output_dir, resume)):
-        raise SystemExit(f"--resume_from_checkpoint: {resume} is not a checkpoint folder")
+    check_optimizer_args(args)
+    check_mixed_precision(args.mixed_precision)
+    check_resume(args.resume_from_checkpoint, args.output_dir)
+    note_ignored_flags(args)
     if args.num_validation_frames is None:
         args.num_validation_frames = args.nframes
     return args
+
+
+def check_optimizer_args(args):
+    """AdamW's own checks, as one line naming the flag instead of a traceback after loading models."""
+    for flag, value, ok, rule in (
+            ("learning_rate", args.learning_rate, args.learning_rate >= 0, "must be >= 0"),
+            ("adam_beta1", args.adam_beta1, 0 <= args.adam_beta1 < 1, "must be in [0, 1)"),
+            ("adam_beta2", args.adam_beta2, 0 <= args.adam_beta2 < 1, "must be in [0, 1)"),
+            ("adam_epsilon", args.adam_epsilon, args.adam_epsilon >= 0, "must be >= 0"),
+            ("adam_weight_decay", args.adam_weight_decay, args.adam_weight_decay >= 0, "must be >= 0"),
+            ("max_grad_norm", args.max_grad_norm, args.max_grad_norm > 0, "must be > 0")):
+        if not ok:  # a NaN fails every comparison, so it lands here too
+            raise SystemExit(f"--{flag}: {value} {rule}")
+
+
+def _env_true(name):
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def check_mixed_precision(flag_value):
+    """fp16 needs a GPU: on the CPU accelerate accepts it and the first step fails on dtypes.
+    The precision comes from --mixed_precision, else from `accelerate launch --mixed_precision` or
+    its config file (both reach the script as ACCELERATE_MIXED_PRECISION)."""
+    env = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if (flag_value or env) != "fp16":
+        return
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # CUDA, and XPU/MPS/NPU where accelerate supports fp16
+    has_gpu = accelerator.is_available() if accelerator else torch.cuda.is_available()
+    if has_gpu and not _env_true("ACCELERATE_USE_CPU"):
+        return
+    source = "--mixed_precision fp16" if flag_value else \
+        "ACCELERATE_MIXED_PRECISION=fp16 (from accelerate launch --mixed_precision or its config)"
+    raise SystemExit(f"{source}: fp16 needs a CUDA GPU and this run has none; use --mixed_precision bf16 or no "
+                     "(finetune_stage*.sh pass fp16: add --mixed_precision bf16 at the end of their command line)")
+
+
+def check_resume(resume, output_dir):
+    if not resume or resume == "latest":
+        return
+    if os.path.basename(os.path.normpath(resume)).endswith(".partial"):
+        raise SystemExit(f"--resume_from_checkpoint: {resume} is a checkpoint save that never finished (.partial); "
+                         "give latest or a checkpoint-<step> folder")
+    if not os.path.isdir(resume) and not os.path.isdir(os.path.join(output_dir, resume)):
+        raise SystemExit(f"--resume_from_checkpoint: {resume} is not a checkpoint folder")
+
+
+def note_ignored_flags(args):
+    """One line per flag of the original scripts that means nothing here (first process only)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for flag in ("hub_token", "hub_model_id"):
+        if getattr(args, flag, None):
+            print(f"--{flag}: ignored: this toolkit never uploads")
+    if getattr(args, "cache_dir", None):
+        print(f"--cache_dir {args.cache_dir}: no effect: models are read from local folders only")

@@ -26,7 +26,7 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedType, InitProc
 from tqdm.auto import tqdm
 
 from diffueraser.checkpoints import (abandon_newer_checkpoints, checkpoint_step, fingerprint, read_marker,
-                                     resolve_checkpoint, save_checkpoint)
+                                     resolve_checkpoint, save_checkpoint, warn_if_low_disk)
 from diffueraser.validation import Validator
 
 logger = get_logger("diffueraser")
@@ -703,6 +703,7 @@ def train(args, stage):
     unet, brushnet, optimizer, dataloader, lr_scheduler, steps_per_epoch, params = prepare(
         accelerator, args, stage, tokenizer)
     if accelerator.is_main_process:
+        warn_if_low_disk(args.output_dir, (unet, brushnet))
         accelerator.init_trackers(args.tracker_project_name,
                                   config={k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool))})
     sources = stage.frozen_sources(args) if stage.frozen_sources else {}
