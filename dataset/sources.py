@@ -192,21 +192,21 @@ def scan_csv_videos(data_dir, csv_file, nframes, video_column="video_path", capt
             scan.missing = not os.path.exists(path)
             continue
         base = data_dir or os.path.dirname(path)
-        rows += [(os.path.join(base, video), caption) for video, caption in
-                 read_csv_rows(scan, path, video_column, caption_column)]
+        rows += [(base, video, caption) for video, caption in read_csv_rows(scan, path, video_column, caption_column)]
     if max_samples is not None:
         rows = rows[:max_samples]
     scan.used_root = data_dir
-    for path, caption in rows:
-        add_video_file(scan, path, caption, nframes, stride)
+    for base, video, caption in rows:
+        add_video_file(scan, base, video, caption, nframes, stride)
     if not scan.videos and not scan.problem:
         scan.problem = f"--csv_file: {csv_file}: none of its {len(rows)} videos is usable"
     return scan
 
 
-def add_video_file(scan, path, caption, nframes, stride):
-    """Probe one listed file: a Video of `scan`, or the reason it is skipped."""
-    name = os.path.relpath(path, scan.used_root) if scan.used_root else path
+def add_video_file(scan, base, name, caption, nframes, stride):
+    """Probe one listed file (`name` as the CSV gives it, relative to `base`): a Video of `scan`,
+    or the reason it is skipped."""
+    path = os.path.join(base, name)
     if not os.path.isfile(path):
         scan.skipped.append((name, "missing file"))
         return
@@ -220,10 +220,10 @@ def add_video_file(scan, path, caption, nframes, stride):
         scan.skipped.append((f"{name} ({info.frames})", "fewer frames than nframes"))
         return
     scan.videos.append(Video(scan.source, name, stride=step, path=path, info=info, caption=caption))
+    slow = info.pix_fmt not in ("yuv420p", "yuvj420p") or info.width % 2 or info.height % 2
     remarks = [f"rotated {info.rotation}" if info.rotation else "",
                "variable frame rate: frames picked by time" if info.variable_rate else "",
-               f"{info.pix_fmt}: converted by swscale (slower)" if info.pix_fmt not in ("yuv420p", "yuvj420p") else "",
-               "odd size: converted by swscale (slower)" if (info.width % 2 or info.height % 2) else ""]
+               f"{info.pix_fmt} {info.width}x{info.height}: converted by swscale (slower)" if slow else ""]
     if any(remarks):
         scan.notes.append((name, ", ".join(r for r in remarks if r)))
 

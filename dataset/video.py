@@ -68,7 +68,7 @@ def probe_video(path):
     except VideoError:
         raise
     except DECODE_ERRORS as err:
-        raise VideoError(f"unreadable ({type(err).__name__}: {err})") from None
+        raise VideoError(f"unreadable ({getattr(err, 'strerror', None) or err})") from None  # no path: grouped by reason
 
 
 def original_stride(fps):
