@@ -44,12 +44,13 @@ class DataScan:
     def __init__(self, args):
         self.nframes = int(args.nframes)
         self.scans = scan_sources(args)
+        self.summary = describe_scan(self.scans, self.nframes)
+        print(self.summary)  # also when refused: it lists why each video was skipped
         check_scans(self.scans)
         self.entries = [video for scan in self.scans for video in scan.videos * scan.repeat]
         if not self.entries:
             raise ValueError(f"no usable videos with >= {self.nframes} frames")
         self.skipped_videos = sum(len(scan.skipped) for scan in self.scans)
-        self.summary = describe_scan(self.scans, self.nframes)
 
 
 def reduction(width, height, resolution):
@@ -164,7 +165,6 @@ class FinetuneDataset(torch.utils.data.Dataset):
         scan = scan or DataScan(args)
         self.scans, self.entries, self.summary = scan.scans, scan.entries, scan.summary
         self.skipped_videos = scan.skipped_videos
-        print(self.summary)
         self.tokenizer = tokenizer
         self.token_cache = {}
         self.caption_ids = self.tokenize(self.caption)

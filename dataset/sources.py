@@ -283,13 +283,13 @@ def describe_scan(scans, nframes):
     for scan in scans:
         entries = len(scan.videos) * scan.repeat
         where = scan.used_root or scan.root
+        times = f" (x{scan.repeat})" if scan.repeat != 1 else ""
         if scan.problem and not scan.videos:
             lines.append(f"  {scan.source:<12} {where}: not used ({scan.problem})")
-            continue
-        times = f" (x{scan.repeat})" if scan.repeat != 1 else ""
-        lines.append(f"  {scan.source:<12} {where}: {len(scan.videos)} videos, {len(scan.skipped)} skipped -> "
-                     f"{entries} entries{times}, {100 * entries / max(total, 1):.0f}% of samples")
-        if scan.problem:
+        else:
+            lines.append(f"  {scan.source:<12} {where}: {len(scan.videos)} videos, {len(scan.skipped)} skipped -> "
+                         f"{entries} entries{times}, {100 * entries / max(total, 1):.0f}% of samples")
+        if scan.problem and scan.videos:
             lines.append(f"    partly unusable: {scan.problem}")
         for reason, (count, examples) in group_examples(scan.skipped).items():
             lines.append(f"    {count} skipped, {reason}: {examples}")

@@ -16,11 +16,11 @@ from tests.test_dataset import davis_tree, frame_indices, index_value, make_args
 from tests.test_train_e2e import REPO, assets, flags, run  # noqa: F401  (assets is a session fixture)
 
 
-def write_index_mp4(path, n, fps=30, width=64, height=48, rotation=0, pix_fmt="yuv420p", gop=6):
+def write_index_mp4(path, n, fps=30, width=64, height=48, rotation=0, pix_fmt="yuv420p", gop=6, options=None):
     """An H.264 mp4 of n flat frames coloured by index, RGB (v, 255 - v, 100), v = 8 + 9 i (as
     tests/test_dataset.py's frame videos), a white bar on its top rows; B-frames, a keyframe
     every `gop` frames."""
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", options=options or {}) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         stream.options = {"g": str(gop), "preset": "veryfast", "crf": "10"}
@@ -286,12 +286,31 @@ def e2e_flags(assets, out, steps, **extra):  # noqa: F811
     return args
 
 
+def write_cut_mp4(path):
+    """An mp4 whose header and first frame are whole and the rest is cut off (an interrupted
+    copy): the scan accepts it, every clip of it fails."""
+    write_index_mp4(path, 20, options={"movflags": "faststart"})
+    with av.open(str(path)) as container:
+        second = sorted(p.pos for p in container.demux(video=0) if p.size)[1]
+    with open(path, "r+b") as f:
+        f.truncate(second)
+
+
 def test_train_from_videos_alone_and_mixed(assets, videos, tmp_path):  # noqa: F811
-    """Tiny stage 1, 2 steps from the CSV videos alone, then mixed with a frame tree."""
+    """Tiny stage 1, 2 steps from the CSV videos alone (one of them cut short: its clips are
+    replaced, counted and logged to the tracker), then mixed with a frame tree."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     data, csv = videos
+    write_cut_mp4(data / "clips" / "cut.mp4")
+    with open(csv, "a") as f:
+        f.write("clips/cut.mp4,cut\n" * 2)  # 2 of 4 entries: one of the first 2 samples is one of them
     alone = run("train_DiffuEraser_stage1.py", e2e_flags(assets, tmp_path / "alone", 2, train_data_dir=data,
-                                                           csv_file=csv, nframes=4))
+                                                           csv_file=csv, nframes=4, report_to="tensorboard"))
     assert "videos" in alone.stdout and (tmp_path / "alone" / "checkpoint-2").is_dir()
+    assert "clips could not be read and were replaced" in alone.stdout
+    events = EventAccumulator(str(next((tmp_path / "alone" / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
+    assert events.Scalars("skipped_clips")[-1].value >= 1
     mixed = run("train_DiffuEraser_stage1.py", e2e_flags(assets, tmp_path / "mixed", 2, train_data_dir=data,
                                                            csv_file=csv, frames_root=assets / "YTVOS",
                                                            nframes=4, video_repeat=3))
@@ -304,4 +323,5 @@ def test_training_refuses_unusable_data_before_loading_models(assets, videos, tm
                                                           csv_file=csv, nframes=40), check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"--csv_file: {csv}: none of its 2 videos is usable"
+    assert "fewer frames than nframes: clips/a30.mp4 (20)" in proc.stdout
     assert not (tmp_path / "o" / "run_info.json").exists()  # written once the models are built
