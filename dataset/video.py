@@ -129,11 +129,11 @@ def frame_square(frame, rotation, out):
     if frame.format.name in FAST_FORMATS and w % 2 == 0 and h % 2 == 0 and side % 2 == 0:
         planes = np.empty((3, r, r), np.uint8)
         luma = plane_array(frame.planes[0], w, h)[y0:y0 + side, x0:x0 + side]
-        resize_square(np.ascontiguousarray(luma), planes[0])
+        resize_square(luma, planes[0])  # a strided view: cv2 takes row steps, no copy
         half = np.empty((r // 2 + r % 2,) * 2, np.uint8)  # chroma at half size, then up to R
         for c in (1, 2):
             chroma = plane_array(frame.planes[c], w // 2, h // 2)[y0 // 2:(y0 + side) // 2, x0 // 2:(x0 + side) // 2]
-            resize_square(np.ascontiguousarray(chroma), half)
+            resize_square(chroma, half)
             cv2.resize(half, (r, r), dst=planes[c], interpolation=cv2.INTER_LINEAR)
         yuv = cv2.merge(list(planes))
         square = cv2.transform(yuv, color_matrix(frame))
