@@ -170,6 +170,50 @@ def test_bad_videos_are_skipped_with_reasons(tmp_path, tokenizer):
         assert abs(idx[1] - idx[0]) == 1
 
 
+def test_variable_frame_rate_picks_frames_by_time(tmp_path, tokenizer):
+    """Frames 33 ms apart with every third gap 100 ms: detected, noted, and a clip's frames are
+    those shown at start + k / (average rate) (a frame repeats where the gap is long)."""
+    from fractions import Fraction
+
+    from dataset.video import probe_video, read_clip
+
+    path = str(tmp_path / "vfr.mp4")
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        ms = 0
+        for i in range(24):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), index_value(i), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = ms, Fraction(1, 1000)
+            ms += 33 if i % 3 else 100
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    info = probe_video(path)
+    assert info.variable_rate and 17 < info.fps < 19 and info.frames == 24
+    out = np.empty((4, 16, 16, 3), np.uint8)
+    read_clip(path, info, 3, 1, out)
+    shown = np.round((out[:, 8, 8].mean(axis=1) - 8) / 9).astype(int).tolist()
+    index = [round(ms_of(i) * info.fps / 1000) for i in range(24)]  # timestamp in frames of the average rate
+    expected = []
+    for k in range(3, 7):  # the frame at index k, else the one shown then (the last before)
+        i = min(i for i in range(24) if index[i] >= k)
+        expected.append(i if index[i] == k else i - 1)
+    assert len(set(expected)) < 4  # the long gaps repeat a frame
+    assert shown == expected, (shown, expected)
+    csv = write_csv(tmp_path / "m.csv", [("vfr.mp4", "x")])
+    ds = FinetuneDataset(make_args(csv_file=csv, resolution=16), tokenizer)
+    assert "variable frame rate: frames picked by time" in ds.summary
+    assert len(index_rows(ds[0])) == 4
+
+
+def ms_of(i):
+    """The timestamp (ms) of frame i of the variable-rate test video."""
+    return sum(33 if k % 3 else 100 for k in range(i))
+
+
 def test_csv_without_the_column(tmp_path, tokenizer):
     write_index_mp4(tmp_path / "a.mp4", 8)
     csv = write_csv(tmp_path / "m.csv", [("a.mp4", "x")], header=("file", "caption"))
