@@ -234,9 +234,11 @@ def scan_sources(args):
     nframes = int(args.nframes)
     scans = []
     if get("davis_root"):
-        scans.append(scan_davis(str(args.davis_root), nframes, int(get("davis_repeat", 10)), int(get("davis_stride", 1))))
+        scans.append(scan_davis(str(args.davis_root), nframes, int(get("davis_repeat", 10)),
+                                int(get("davis_stride", 1))))
     if get("ytvos_root"):
-        scans.append(scan_ytvos(str(args.ytvos_root), nframes, int(get("ytvos_repeat", 1)), int(get("ytvos_stride", 1))))
+        scans.append(scan_ytvos(str(args.ytvos_root), nframes, int(get("ytvos_repeat", 1)),
+                                int(get("ytvos_stride", 1))))
     if get("frames_root"):
         scans.append(scan_frames_root(str(args.frames_root), nframes, int(get("frames_repeat", 1)),
                                       int(get("frames_stride", 1))))

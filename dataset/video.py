@@ -68,7 +68,8 @@ def probe_video(path):
     except VideoError:
         raise
     except DECODE_ERRORS as err:
-        raise VideoError(f"unreadable ({getattr(err, 'strerror', None) or err})") from None  # no path: grouped by reason
+        # the reason without the path, so the summary groups files by it
+        raise VideoError(f"unreadable ({getattr(err, 'strerror', None) or err})") from None
 
 
 def original_stride(fps):

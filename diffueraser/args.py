@@ -21,7 +21,8 @@ def add_data_args(parser):
     g.add_argument("--frames_root", type=str, default=None,
                    help="Any folder of frame folders: every folder (at any depth) holding images is a video.")
     g.add_argument("--train_data_dir", type=str, default=None,
-                   help="The original's video folder: the CSV's video paths are relative to it (default: the CSV's folder).")
+                   help="The original's video folder: the CSV's video paths are relative to it "
+                        "(default: the CSV's folder).")
     g.add_argument("--csv_file", type=str, default=None,
                    help="CSV(s) of videos with captions, one path or a Python-list string \"['a.csv', 'b.csv']\" "
                         "(the original's form).")
@@ -29,8 +30,8 @@ def add_data_args(parser):
     g.add_argument("--caption_column", type=str, default="caption", help="CSV column of the captions.")
     g.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N CSV rows (debugging).")
     g.add_argument("--davis_repeat", type=int, default=10, help="How many times DAVIS videos are listed per epoch.")
-    g.add_argument("--ytvos_repeat", type=int, default=1, help="How many times YouTube-VOS videos are listed per epoch.")
-    g.add_argument("--frames_repeat", type=int, default=1, help="How many times --frames_root videos are listed per epoch.")
+    g.add_argument("--ytvos_repeat", type=int, default=1, help="How many times YouTube-VOS videos are listed.")
+    g.add_argument("--frames_repeat", type=int, default=1, help="How many times --frames_root videos are listed.")
     g.add_argument("--video_repeat", type=int, default=1, help="How many times CSV videos are listed per epoch.")
     g.add_argument("--davis_stride", type=int, default=1,
                    help="Take every N-th DAVIS frame (DAVIS frames are every frame of the video).")

@@ -161,7 +161,8 @@ def test_bad_videos_are_skipped_with_reasons(tmp_path, tokenizer):
     assert sorted(v.name for v in ds.entries) == ["deep.mp4", "good.mp4", "odd.mp4"]
     assert ds.skipped_videos == 5
     summary = ds.summary
-    for expected in ("1 skipped, missing file: missing.mp4", "2 skipped, unreadable (Invalid data found when processing input): corrupt.mp4, truncated.mp4",
+    for expected in ("1 skipped, missing file: missing.mp4",
+                     "2 skipped, unreadable (Invalid data found when processing input): corrupt.mp4, truncated.mp4",
                      "no video stream (audio only?): audio.mp4", "fewer frames than nframes: short.mp4 (3)",
                      "yuv420p10le 64x48: converted by swscale", "yuv444p 33x25: converted"):
         assert expected in summary, summary
@@ -369,3 +370,24 @@ def test_training_refuses_unusable_data_before_loading_models(assets, videos, tm
     assert proc.stderr.strip().splitlines()[-1] == f"--csv_file: {csv}: none of its 2 videos is usable"
     assert "fewer frames than nframes: clips/a30.mp4 (20)" in proc.stdout
     assert not (tmp_path / "o" / "run_info.json").exists()  # written once the models are built
+
+
+def test_data_flags_are_checked_in_one_line(tmp_path):
+    from diffueraser.args import build_parser, check_data_args
+
+    afile = tmp_path / "f.txt"
+    afile.write_text("x")
+    parse = build_parser("t", "out", 10).parse_args
+    base = ["--base_model_name_or_path", "sd"]
+    cases = [([], "give at least one data source"),
+             (["--frames_root", str(afile)], f"--frames_root: {afile} is a file, not a folder"),
+             (["--csv_file", "m.csv", "--video_stride", "-1"], "--video_stride: -1 must be 0"),
+             (["--csv_file", "m.csv", "--video_repeat", "0"], "--video_repeat: 0 must be at least 1"),
+             (["--train_data_dir", str(tmp_path)], f"--train_data_dir: {tmp_path} needs --csv_file"),
+             (["--csv_file", "m.csv", "--max_train_samples", "0"], "--max_train_samples: 0 must be at least 1")]
+    for flags, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            check_data_args(parse(base + flags))
+    args = parse(base + ["--csv_file", "m.csv"])
+    check_data_args(args)
+    assert (args.video_column, args.caption_column, args.video_stride) == ("video_path", "caption", 0)
