@@ -156,6 +156,8 @@ DATA_SOURCES = ("davis_root", "ytvos_root", "frames_root", "csv_file")
 
 def check_data_args(args):
     """The data flags' one-line errors (the scan then checks what the sources hold)."""
+    if getattr(args, "train_data_dir", None) and not getattr(args, "csv_file", None):
+        raise SystemExit(f"--train_data_dir: {args.train_data_dir} needs --csv_file (the CSV listing its videos)")
     if not any(getattr(args, flag, None) for flag in DATA_SOURCES):
         raise SystemExit("--davis_root / --ytvos_root / --frames_root / --csv_file: give at least one data source")
     for flag in ("davis_root", "ytvos_root", "frames_root", "train_data_dir"):
@@ -170,8 +172,6 @@ def check_data_args(args):
         raise SystemExit(f"--video_stride: {args.video_stride} must be 0 (the original's rule) or more")
     if getattr(args, "max_train_samples", None) is not None and args.max_train_samples < 1:
         raise SystemExit(f"--max_train_samples: {args.max_train_samples} must be at least 1")
-    if getattr(args, "train_data_dir", None) and not getattr(args, "csv_file", None):
-        raise SystemExit(f"--train_data_dir: {args.train_data_dir} needs --csv_file (the CSV listing its videos)")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise SystemExit(f"--proportion_empty_prompts: {args.proportion_empty_prompts} is not in [0, 1]")
 
