@@ -60,6 +60,8 @@ def probe_video(path):
             frames = stream.frames
             if not frames and stream.duration:  # containers without a frame count (mkv, webm)
                 frames = int(stream.duration * stream.time_base * fps)
+            elif not frames and container.duration:  # only the container's duration, in microseconds
+                frames = int(container.duration / 1e6 * fps)
             guessed = float(stream.guessed_rate or fps)
             rotation = int(round((frame.rotation or 0) / 90)) * 90 % 360
             width, height = (frame.height, frame.width) if rotation in (90, 270) else (frame.width, frame.height)
