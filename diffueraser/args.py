@@ -15,11 +15,33 @@ def add_model_args(parser):
 
 
 def add_data_args(parser):
-    g = parser.add_argument_group("data")
+    g = parser.add_argument_group("data (sources mix: give any of DAVIS, YouTube-VOS, frame folders, CSV videos)")
     g.add_argument("--davis_root", type=str, default=None, help="DAVIS-2017 root (ImageSets/, JPEGImages/480p/).")
     g.add_argument("--ytvos_root", type=str, default=None, help="YouTube-VOS-2019 train root (JPEGImages/).")
+    g.add_argument("--frames_root", type=str, default=None,
+                   help="Any folder of frame folders: every folder (at any depth) holding images is a video.")
+    g.add_argument("--train_data_dir", type=str, default=None,
+                   help="The original's video folder: the CSV's video paths are relative to it "
+                        "(default: the CSV's folder).")
+    g.add_argument("--csv_file", type=str, default=None,
+                   help="CSV(s) of videos with captions, one path or a Python-list string \"['a.csv', 'b.csv']\" "
+                        "(the original's form).")
+    g.add_argument("--video_column", type=str, default="video_path", help="CSV column of the video paths.")
+    g.add_argument("--caption_column", type=str, default="caption", help="CSV column of the captions.")
+    g.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N CSV rows (debugging).")
     g.add_argument("--davis_repeat", type=int, default=10, help="How many times DAVIS videos are listed per epoch.")
-    g.add_argument("--caption", type=str, default="clean background", help="Training caption.")
+    g.add_argument("--ytvos_repeat", type=int, default=1, help="How many times YouTube-VOS videos are listed.")
+    g.add_argument("--frames_repeat", type=int, default=1, help="How many times --frames_root videos are listed.")
+    g.add_argument("--video_repeat", type=int, default=1, help="How many times CSV videos are listed per epoch.")
+    g.add_argument("--davis_stride", type=int, default=1,
+                   help="Take every N-th DAVIS frame (DAVIS frames are every frame of the video).")
+    g.add_argument("--ytvos_stride", type=int, default=1,
+                   help="Take every N-th YouTube-VOS frame (its train JPEGs are already every 5th frame).")
+    g.add_argument("--frames_stride", type=int, default=1, help="Take every N-th --frames_root frame.")
+    g.add_argument("--video_stride", type=int, default=0,
+                   help="Take every N-th frame of CSV videos; 0: the original's max(fps // 15, 1), about 15 fps.")
+    g.add_argument("--caption", type=str, default="clean background",
+                   help="Training caption of the frame sources (CSV videos use their own).")
     g.add_argument("--resolution", type=int, default=512, help="Square training size (multiple of 8).")
     g.add_argument("--nframes", type=int, default=10, help="Frames per training clip.")
     g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
@@ -136,9 +158,36 @@ def _need_dir(flag, path, inside=None):
     if path is None:
         return
     target = os.path.join(path, inside) if inside else path
+    if os.path.isfile(path):
+        raise SystemExit(f"{flag}: {path} is a file, not a folder")
     if not os.path.exists(target):
         what = f"has no {inside}" if inside and os.path.isdir(path) else "does not exist"
         raise SystemExit(f"{flag}: {path} {what}")
+
+
+DATA_SOURCES = ("davis_root", "ytvos_root", "frames_root", "csv_file")
+
+
+def check_data_args(args):
+    """The data flags' one-line errors (the scan then checks what the sources hold)."""
+    if getattr(args, "train_data_dir", None) and not getattr(args, "csv_file", None):
+        raise SystemExit(f"--train_data_dir: {args.train_data_dir} needs --csv_file (the CSV listing its videos)")
+    if not any(getattr(args, flag, None) for flag in DATA_SOURCES):
+        raise SystemExit("--davis_root / --ytvos_root / --frames_root / --csv_file: give at least one data source")
+    for flag in ("davis_root", "ytvos_root", "frames_root", "train_data_dir"):
+        value = getattr(args, flag, None)
+        if value:
+            _need_dir(f"--{flag}", value)
+    for flag in ("davis_repeat", "ytvos_repeat", "frames_repeat", "video_repeat", "davis_stride", "ytvos_stride",
+                 "frames_stride", "nframes"):
+        if getattr(args, flag, 1) < 1:
+            raise SystemExit(f"--{flag}: {getattr(args, flag)} must be at least 1")
+    if getattr(args, "video_stride", 0) < 0:
+        raise SystemExit(f"--video_stride: {args.video_stride} must be 0 (the original's rule) or more")
+    if getattr(args, "max_train_samples", None) is not None and args.max_train_samples < 1:
+        raise SystemExit(f"--max_train_samples: {args.max_train_samples} must be at least 1")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        raise SystemExit(f"--proportion_empty_prompts: {args.proportion_empty_prompts} is not in [0, 1]")
 
 
 def check_args(args):
@@ -146,16 +195,9 @@ def check_args(args):
     _need_dir("--base_model_name_or_path", args.base_model_name_or_path, "scheduler")
     _need_dir("--vae_path", args.vae_path)
     _need_dir("--tokenizer_name", args.tokenizer_name)
-    for flag in ("davis_root", "ytvos_root"):
-        value = getattr(args, flag)
-        if value:
-            _need_dir(f"--{flag}", value)
-    if not args.davis_root and not args.ytvos_root:
-        raise SystemExit("--davis_root / --ytvos_root: give at least one dataset root")
+    check_data_args(args)
     if args.resolution % 8:
         raise SystemExit(f"--resolution: {args.resolution} is not a multiple of 8")
-    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
-        raise SystemExit(f"--proportion_empty_prompts: {args.proportion_empty_prompts} is not in [0, 1]")
     for flag in ("nframes", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                  "validation_steps"):
         if getattr(args, flag) < 1:

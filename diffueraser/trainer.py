@@ -436,10 +436,25 @@ def make_optimizer(args, params, accelerator):
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
-def make_dataloader(args, tokenizer):
+def scan_data(args, num_processes=1):
+    """The data scan's verdict before any model loads (dataset.finetune_dataset.DataScan): a
+    missing source, nothing usable or --nframes longer than every video is one line, no traceback."""
+    from dataset.finetune_dataset import DataScan
+
+    try:
+        scan = DataScan(args)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(str(err))
+    if len(scan.entries) < args.train_batch_size * num_processes:
+        raise SystemExit(f"the dataset has {len(scan.entries)} clips, fewer than --train_batch_size "
+                         f"{args.train_batch_size} x {num_processes} process(es)")
+    return scan
+
+
+def make_dataloader(args, tokenizer, scan=None):
     from dataset.finetune_dataset import FinetuneDataset
 
-    dataset = FinetuneDataset(args, tokenizer)
+    dataset = FinetuneDataset(args, tokenizer, scan)
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
         num_workers=args.dataloader_num_workers, persistent_workers=args.dataloader_num_workers > 0,
@@ -496,7 +511,7 @@ def save_final_models(accelerator, unet, brushnet, output_dir, frozen_sources=No
 
 
 # ----------------------------------------------------------------------------- the loop
-def prepare(accelerator, args, stage, tokenizer):
+def prepare(accelerator, args, stage, tokenizer, scan=None):
     """Models, optimizer, data and LR schedule, with only the trained nets handed to accelerate."""
     from diffusers.optimization import get_scheduler
 
@@ -507,7 +522,7 @@ def prepare(accelerator, args, stage, tokenizer):
     trained = [m for m in (unet, brushnet) if is_trained(m)]
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     optimizer = make_optimizer(args, params, accelerator)
-    dataloader = make_dataloader(args, tokenizer)
+    dataloader = make_dataloader(args, tokenizer, scan)
     weight_dtype = weight_dtype_of(accelerator)
     for m in (unet, brushnet):  # frozen nets: half precision, no gradients, never wrapped
         if not is_trained(m):
@@ -697,11 +712,12 @@ def train(args, stage):
     args.cuda_graph = resolve_cuda_graph(args.cuda_graph, args, accelerator)
     os.makedirs(args.output_dir, exist_ok=True)
     cache = use_compile_cache(args)
+    scan = scan_data(args, accelerator.num_processes)  # before the models: a bad source costs seconds, not minutes
     tokenizer, text_encoder, vae, noise_scheduler = load_frozen_models(args)
     weight_dtype = weight_dtype_of(accelerator)
     place_frozen_encoders(args, vae, text_encoder, accelerator.device, weight_dtype)
     unet, brushnet, optimizer, dataloader, lr_scheduler, steps_per_epoch, params = prepare(
-        accelerator, args, stage, tokenizer)
+        accelerator, args, stage, tokenizer, scan)
     if accelerator.is_main_process:
         warn_if_low_disk(args.output_dir, (unet, brushnet))
         accelerator.init_trackers(args.tracker_project_name,
@@ -739,6 +755,7 @@ def train(args, stage):
         step_fn = StepGraph(forward_backward, params)
         accelerator.print(f"CUDA graph is on: step {step_fn.warmup + 1} captures the forward + backward, later "
                           "steps replay it; --cuda_graph 0 turns it off")
+    dataset = dataloader.dataset
     epoch = first_epoch
     loop_start = time.time()
     while state["step"] < args.max_train_steps:  # skipped (non-finite) updates do not count as steps
@@ -759,6 +776,7 @@ def train(args, stage):
                                   f"{time.time() - loop_start:.0f} s of it in the step (compiling included)")
             logs = {"loss": state["loss"], "lr": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(**logs)
+            logs["skipped_clips"] = dataset.skipped_count  # unreadable clips replaced so far (all workers)
             accelerator.log(logs, step=state["step"])
             stopping = stop.agreed(accelerator)
             if state["step"] % args.checkpointing_steps == 0 or stopping:
@@ -779,6 +797,9 @@ def train(args, stage):
         epoch += 1
     global_step = state["step"]
     progress.close()
+    if dataset.skipped_count:
+        accelerator.print(f"data: {dataset.skipped_count} clips could not be read and were replaced by others "
+                          f"({dataset.skipped_videos} videos skipped at the scan)")
     accelerator.wait_for_everyone()
     if global_step % args.checkpointing_steps:
         start = time.time()
