@@ -111,7 +111,7 @@ def masked_ssim(gt, pred, hole):
 
 BN_EPS, BN_MOMENTUM = 0.001, 0.01
 
-# Inception modules: (name, in_channels, (b0, b1a, b1b, b2a, b2b, b3b) out_channels)
+# Inception modules: name -> (in_channels, out_channels of b0, b1a, b1b, b2a, b2b, b3b)
 MIXED = {
     "Mixed_3b": (192, (64, 96, 128, 16, 32, 32)),
     "Mixed_3c": (256, (128, 128, 192, 32, 96, 64)),
@@ -226,24 +226,40 @@ class InceptionI3d(nn.Module):
         return x
 
 
-def load_i3d(path, device="cpu"):
-    """InceptionI3d with the state dict at `path` (i3d_rgb_imagenet.pt) loaded strictly: a missing,
-    unexpected or misshapen tensor is an error naming the key (SystemExit, one line)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: I3D weights not found (i3d_rgb_imagenet.pt, needed for VFID)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model = InceptionI3d()
-    expected = model.state_dict()
-    # Old checkpoints lack BatchNorm's num_batches_tracked; torch's loader fills it with 0.
+def _check_state_dict(path, state, expected, what):
+    """SystemExit (one line) naming the first missing, unexpected or misshapen key of `state`
+    against the `expected` state dict. BatchNorm's num_batches_tracked may be absent (old
+    checkpoints lack it; torch's loader fills it with 0)."""
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
         k = (missing or unexpected or wrong)[0]
-        what = ("missing" if missing else "unexpected" if unexpected
-                else f"shape {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}:")
-        raise SystemExit(f"{path}: not an I3D state dict: {what} {k} "
+        why = ("missing" if missing else "unexpected" if unexpected
+               else f"shape {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}:")
+        raise SystemExit(f"{path}: not {what}: {why} {k} "
                          f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} misshapen)")
+
+
+def _load_state_dict_file(path, what):
+    """The tensors of a torch.save'd state dict (no code is unpickled); SystemExit naming the path."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: {what} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt file or a pickled model: one line, not a traceback
+        raise SystemExit(f"{path}: not a readable state dict ({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise SystemExit(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_i3d(path, device="cpu"):
+    """InceptionI3d with the state dict at `path` (i3d_rgb_imagenet.pt) loaded strictly: a missing,
+    unexpected or misshapen tensor is an error naming the key (SystemExit, one line)."""
+    state = _load_state_dict_file(path, "I3D weights (i3d_rgb_imagenet.pt, needed for VFID)")
+    model = InceptionI3d()
+    _check_state_dict(path, state, model.state_dict(), "an I3D state dict")
     model.load_state_dict(state, strict=True)
     return model.to(device)
 
@@ -297,23 +313,32 @@ def frames_to_i3d_input(frames):
     x = torch.as_tensor(np.asarray(frames))
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"frames must be (T, H, W, 3); got {tuple(x.shape)}")
-    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    elif not x.is_floating_point():
+        raise ValueError(f"frames must be uint8 or float in [0, 1]; got {x.dtype}")
+    elif x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError(f"float frames must be in [0, 1]; got values in [{x.min():.3g}, {x.max():.3g}]")
+    else:
+        x = x.float()
     return x.permute(3, 0, 1, 2).unsqueeze(0)
 
 
 @contextmanager
-def _batch_statistics(model):
-    """Run BatchNorm on each input's own statistics (train mode) and put the stored running
-    statistics and the train/eval flag back afterwards."""
+def _norm_mode(model, batch_stats):
+    """Run BatchNorm on each input's own statistics (train mode, batch_stats=True) or on the stored
+    running statistics (eval mode); afterwards the running statistics and the train/eval flag are
+    as before (train mode would otherwise update them)."""
     was_training = model.training
-    saved = {k: v.clone() for k, v in model.named_buffers()}
-    model.train()
+    saved = {k: v.clone() for k, v in model.named_buffers()} if batch_stats else {}
+    model.train(batch_stats)
     try:
         yield
     finally:
         with torch.no_grad():
             for k, v in model.named_buffers():
-                v.copy_(saved[k])
+                if k in saved:
+                    v.copy_(saved[k])
         model.train(was_training)
 
 
@@ -327,16 +352,9 @@ def i3d_activations(model, frames, batch_stats=True):
     running statistics are left unchanged. It needs more than 8 frames or a side above 32 px.
     batch_stats=False uses the stored running statistics (eval mode).
     On CUDA, TF32 convolutions (torch.backends.cudnn.allow_tf32) move the values slightly."""
-    device = next(model.parameters()).device
-    x = frames_to_i3d_input(frames).to(device)
-    if batch_stats:
-        with _batch_statistics(model):
-            h = model(x)
-    else:
-        was_training = model.training
-        model.eval()
-        h = model(x)
-        model.train(was_training)
+    x = frames_to_i3d_input(frames).to(next(model.parameters()).device)
+    with _norm_mode(model, batch_stats):
+        h = model(x)  # (1, 1024, T', H', W')
     return h.mean(4).mean(3).mean(2)[0].float().cpu().numpy()
 
 
@@ -367,3 +385,58 @@ def vfid(real_acts, fake_acts):
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+# ---------------------------------------------------------------------------------------------
+# LPIPS (AlexNet, v0.1) through the `lpips` package, which ships its small linear layers. Its
+# AlexNet backbone would be downloaded by torchvision, so it is built untrained here and the
+# user's local copy of torchvision's ImageNet AlexNet (alexnet-owt-7be5be79.pth) is loaded into it.
+
+LPIPS_WEIGHTS_NOTE = "torchvision's ImageNet AlexNet state dict (alexnet-owt-7be5be79.pth)"
+
+
+def lpips_available(path):
+    """(True, "") when LPIPS can be computed offline with the AlexNet weights at `path`, else
+    (False, a one-line note saying why, for the evaluation's output)."""
+    try:
+        import lpips  # noqa: F401
+    except ImportError:
+        return False, "LPIPS skipped: the lpips package is not installed (pip install lpips)"
+    if not path:
+        return False, f"LPIPS skipped: no --lpips_weights given ({LPIPS_WEIGHTS_NOTE})"
+    if not os.path.isfile(path):
+        return False, f"LPIPS skipped: {path} not found ({LPIPS_WEIGHTS_NOTE})"
+    return True, ""
+
+
+def load_lpips(path, device="cpu"):
+    """The LPIPS (AlexNet, v0.1) model with its backbone loaded strictly from the `features.*`
+    tensors at `path` (the classifier's are ignored), in eval mode; nothing is downloaded. Errors
+    (SystemExit, one line) name the path or the key."""
+    import lpips
+
+    state = _load_state_dict_file(path, f"LPIPS backbone weights ({LPIPS_WEIGHTS_NOTE})")
+    with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=False`
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
+    # lpips splits alexnet.features into 5 slices whose children keep their index there
+    layers = {index: layer for part in model.net.children() for index, layer in part.named_children()}
+    expected = {f"features.{i}.{k}": v for i, layer in layers.items() for k, v in layer.state_dict().items()}
+    _check_state_dict(path, {k: v for k, v in state.items() if k.startswith("features.")}, expected,
+                      "an AlexNet state dict")
+    for index, layer in layers.items():
+        layer.load_state_dict({k: state[f"features.{index}.{k}"] for k in layer.state_dict()})
+    return model.eval().requires_grad_(False).to(device)
+
+
+@torch.no_grad()
+def lpips_distance(model, gt, pred):
+    """LPIPS between two (H, W, 3) frames in [0, 255] (uint8 or float), scaled to [-1, 1] as LPIPS
+    expects; lower is closer, 0 for identical frames."""
+    gt, pred = _as_float64(gt, pred)
+    device = next(model.parameters()).device
+
+    def to_tensor(a):  # (H, W, 3) [0, 255] -> (1, 3, H, W) [-1, 1]
+        return torch.from_numpy(a / 127.5 - 1).float().permute(2, 0, 1).unsqueeze(0).to(device)
+
+    return float(model(to_tensor(gt), to_tensor(pred)).item())

@@ -120,14 +120,21 @@ def test_load_i3d_is_strict(i3d, tmp_path):
     torch.save(broken, path)
     with pytest.raises(SystemExit, match=r"Conv3d_2b_1x1.conv3d.weight"):
         M.load_i3d(str(path))
-    with pytest.raises(SystemExit, match="nowhere.pt: I3D weights not found"):
+    with pytest.raises(SystemExit, match=r"nowhere.pt: I3D weights .* not found"):
         M.load_i3d(str(tmp_path / "nowhere.pt"))
+    path.write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match="i3d.pt: not a readable state dict"):
+        M.load_i3d(str(path))
 
 
 def test_i3d_input_is_the_reference_tensor(i3d_ref):
     for side in ("real", "fake"):
         want = torch.from_numpy(i3d_ref[f"input_{side}_0"]).transpose(1, 2)  # (1, 3, T, H, W)
         assert torch.equal(M.frames_to_i3d_input(i3d_ref[f"video_{side}_0"]), want)
+        as_float = i3d_ref[f"input_{side}_0"][0].transpose(0, 2, 3, 1)  # (T, H, W, 3) in [0, 1]
+        assert torch.equal(M.frames_to_i3d_input(as_float), want)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        M.frames_to_i3d_input(i3d_ref["video_real_0"].astype(np.float32))
 
 
 def test_i3d_activations_eval_mode(activations, i3d_ref):
@@ -164,3 +171,27 @@ def test_vfid_matches_reference(mode, activations, i3d_ref):
 def test_vfid_of_one_video_is_nan(i3d_ref):
     with pytest.warns(UserWarning, match="at least 2 videos"):
         assert math.isnan(M.vfid(i3d_ref["act_eval_real"][:1], i3d_ref["act_eval_fake"][:1]))
+
+
+def test_lpips_from_local_alexnet_weights(tmp_path, frames):
+    import torchvision
+
+    assert M.lpips_available(None)[0] is False
+    available, note = M.lpips_available(str(tmp_path / "alexnet.pth"))
+    assert not available and "alexnet.pth not found" in note
+    torch.manual_seed(0)
+    backbone = torchvision.models.alexnet(weights=None)  # stands in for the ImageNet weights
+    path = tmp_path / "alexnet.pth"
+    features = {k: v for k, v in backbone.state_dict().items() if k.startswith("features.")}
+    torch.save(features, path)  # the classifier's tensors are not needed (and ignored when there)
+    assert M.lpips_available(str(path)) == (True, "")
+    model = M.load_lpips(str(path))
+    assert torch.equal(getattr(model.net.slice5, "10").weight, backbone.features[10].weight)
+    gt = frames["S_72x104"]
+    assert M.lpips_distance(model, gt, gt) == 0
+    near = M.lpips_distance(model, gt, frames["S_72x104_avg_float32"])
+    assert 0 < near < M.lpips_distance(model, gt, frames["S_72x104_noise_sigma10"])
+    del features["features.3.weight"]
+    torch.save(features, path)
+    with pytest.raises(SystemExit, match="missing features.3.weight"):
+        M.load_lpips(str(path))
