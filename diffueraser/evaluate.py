@@ -45,7 +45,9 @@ def add_eval_args(parser, nframes_default):
     g.add_argument("--i3d_eval_mode", action="store_true",
                    help="Run I3D with its stored BatchNorm statistics. Default: each video's own batch statistics, "
                         "as the standard evaluation (and published VFIDs) does.")
-    g.add_argument("--lpips_weights", default=None, help="Local LPIPS weights (skipped with a note without them).")
+    g.add_argument("--lpips_weights", default=None,
+                   help="torchvision's ImageNet AlexNet file (alexnet-owt-7be5be79.pth) for LPIPS (skipped with a note "
+                        "without it).")
     g = parser.add_argument_group("videos and masks")
     g.add_argument("--davis_root", default=None, help="DAVIS-2017 root: the videos of ImageSets/2017/<--split>.txt.")
     g.add_argument("--split", default="val", help="DAVIS ImageSets/2017 list (default val: no video seen in training).")
@@ -215,17 +217,15 @@ class Scorer:
                                                    "standard evaluation and published VFIDs)" if self.batch_stats
                                                    else "its stored BatchNorm statistics (eval mode; not comparable "
                                                         "with published VFIDs)"))
-        self.lpips = self.load_lpips(args.lpips_weights)
+        self.lpips = self.load_lpips(args.lpips_weights, device)
 
-    def load_lpips(self, path):
-        if not path:
-            self.notes.append("LPIPS skipped: no --lpips_weights")
+    def load_lpips(self, path, device):
+        ok, note = self.metrics.lpips_available(path)
+        if not ok:
+            self.notes.append(note)
             return None
-        loader = getattr(self.metrics, "load_lpips", None)
-        if loader is None:
-            self.notes.append("LPIPS skipped: this version has no LPIPS network")
-            return None
-        return loader(path)
+        model = self.metrics.load_lpips(path, device)
+        return lambda gt, pred: self.metrics.lpips_distance(model, gt, pred)
 
     def frame_scores(self, gt, comp, holes):
         """{metric: [value per frame]} (SSIM nan for frames under 65 px, with a note)."""
@@ -240,7 +240,7 @@ class Scorer:
                 self.note_once("SSIM skipped: frames under 65 px")
                 out["ssim"].append(math.nan)
                 out["ssim_hole"].append(math.nan)
-            out["lpips"].append(float(self.lpips(g, c)) if self.lpips else math.nan)
+            out["lpips"].append(self.lpips(g, c) if self.lpips else math.nan)
         return out
 
     def activations(self, frames):

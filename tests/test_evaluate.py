@@ -36,7 +36,11 @@ def eval_assets(tmp_path_factory, reference):
     shutil.copytree(reference / "tiny_stage1" / "brushnet", root / "released" / "brushnet")
     write_synthetic_davis(str(root / "DAVIS"), videos=("bear", "boat"), nframes=7, size=(80, 112))
     torch.save(fill_i3d_by_rule(InceptionI3d()).state_dict(), root / "i3d.pt")
-    return dict(root=root, sd=sd, davis=root / "DAVIS", i3d=root / "i3d.pt")
+    import torchvision
+
+    torch.manual_seed(0)  # a random AlexNet stands in for the ImageNet one LPIPS uses
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), root / "alexnet.pth")
+    return dict(root=root, sd=sd, davis=root / "DAVIS", i3d=root / "i3d.pt", alexnet=root / "alexnet.pth")
 
 
 def eval_argv(assets, out, *extra, weights=("a=w1", "b=w2")):
@@ -64,12 +68,13 @@ def two_runs(eval_assets, tmp_path_factory):
     masks = out / "masks"
     proc = subprocess.run([sys.executable, "eval_DiffuEraser_stage1.py",
                            *eval_argv(eval_assets, out / "first", "--write_masks", masks, "--i3d_weights",
-                                      eval_assets["i3d"])], cwd=REPO, capture_output=True, text=True)
+                                      eval_assets["i3d"], "--lpips_weights", eval_assets["alexnet"])],
+                          cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = json.loads((out / "first" / "results.json").read_text())
-    again = main("stage1", 10, eval_argv(eval_assets, out / "again", "--i3d_weights", eval_assets["i3d"]))
-    read_back = main("stage1", 10, eval_argv(eval_assets, out / "read", "--masks", masks, "--i3d_weights",
-                                             eval_assets["i3d"]))
+    metrics = ["--i3d_weights", eval_assets["i3d"], "--lpips_weights", eval_assets["alexnet"]]
+    again = main("stage1", 10, eval_argv(eval_assets, out / "again", *metrics))
+    read_back = main("stage1", 10, eval_argv(eval_assets, out / "read", "--masks", masks, *metrics))
     return dict(out=out, proc=proc, first=first, again=again, read_back=read_back, masks=masks)
 
 
@@ -80,7 +85,7 @@ def test_two_weight_sets_one_table_same_numbers_twice(two_runs):
     for row in first["videos"].values():
         assert {"a", "b"} <= set(row) and row["frames"] == 7
     for m in first["means"].values():
-        assert all(np.isfinite(m[k]) for k in ("psnr", "ssim", "psnr_hole", "vfid"))
+        assert all(np.isfinite(m[k]) for k in ("psnr", "ssim", "psnr_hole", "lpips", "vfid"))
         assert 0 < m["ssim"] <= 1 and m["psnr"] > m["psnr_hole"]  # the kept part is the clean frame
     assert first["means"]["a"] != first["means"]["b"]  # different weights, different numbers
     assert scores(two_runs["again"]) == scores(first)  # deterministic
