@@ -29,7 +29,8 @@ def build_parser():
     p.add_argument("--video", required=True, help="Input video: an .mp4 (any format OpenCV reads) or a frame folder.")
     p.add_argument("--mask", required=True,
                    help="Mask: an .mp4, a frame folder (one mask per frame) or one image for every frame; "
-                        "white (non-zero) = hole, black = kept, as DAVIS annotations and ProPainter masks.")
+                        "white = hole, black = kept, as DAVIS annotations and ProPainter masks (PNG: any non-zero "
+                        "pixel is hole; mp4/JPEG: above 127).")
     p.add_argument("--weights", required=True,
                    help="unet_main/ + brushnet/ folder: converted (stage 1 or 2) or the released DiffuEraser one.")
     p.add_argument("--base_model_name_or_path", required=True, help="Stable Diffusion 1.5 folder.")
@@ -88,11 +89,15 @@ def read_frames(path, flag):
 
 
 def read_holes(path, count, size):
-    """bool (N, H, W) holes (any non-zero pixel) from --mask; one image serves every frame.
+    """bool (N, H, W) holes from --mask (PNGs: any non-zero pixel, as DAVIS palettes; mp4 / JPEG: above
+    127); one image serves every frame.
     Refuses a count or size that does not match the video."""
     masks, _ = read_frames(path, "--mask")
-    holes = masks.max(axis=-1) > 0
-    if len(holes) == 1 and (os.path.isfile(path) and path.lower().endswith((".png", ".jpg", ".jpeg"))):
+    image = os.path.isfile(path) and path.lower().endswith((".png", ".jpg", ".jpeg"))
+    files = list_images(path) if os.path.isdir(path) else [path]
+    lossless = all(f.lower().endswith(".png") for f in files)
+    holes = masks.max(axis=-1) > (0 if lossless else 127)  # black in an mp4 or a JPEG is not exactly 0
+    if len(holes) == 1 and image:
         holes = np.repeat(holes, count, axis=0)
     if len(holes) != count:
         raise SystemExit(f"--mask: {path} has {len(holes)} frames, --video has {count}")
