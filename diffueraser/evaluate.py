@@ -95,8 +95,8 @@ def check_eval_args(parser, args):
         parser.error("give one of --davis_root or --videos")
     if args.annotations and not args.davis_root:
         parser.error("--annotations needs --davis_root (its Annotations/480p)")
-    if sum(map(bool, (args.masks, args.annotations))) > 1:
-        parser.error("--masks and --annotations exclude each other")
+    if sum(map(bool, (args.masks, args.annotations, args.write_masks))) > 1:
+        parser.error("--masks, --write_masks and --annotations exclude each other")
     if args.size:
         try:
             w, h = (int(v) for v in args.size.lower().split("x"))
@@ -146,9 +146,17 @@ def fit(image, args, resample):
 
 def load_frames(folder, args):
     """uint8 (N, H, W, 3) frames of a video at the evaluation size, and their file paths."""
-    files = list_images(folder)[:args.max_frames]
+    files = images_in(folder, f"--{'davis_root' if args.davis_root else 'videos'}")[:args.max_frames]
     frames = [np.asarray(fit(Image.open(f).convert("RGB"), args, Image.BILINEAR)) for f in files]
     return np.stack(frames), files
+
+
+def images_in(folder, flag, exts=None):
+    """list_images, with a missing or empty folder as a one-line error naming the flag."""
+    try:
+        return list_images(folder, exts) if exts else list_images(folder)
+    except FileNotFoundError as e:
+        raise SystemExit(f"{flag}: {e}") from None
 
 
 def generated_holes(name, n, height, width, seed):
@@ -165,7 +173,7 @@ def write_masks(folder, holes):
 
 def read_masks(folder, n, height, width):
     """bool (N, H, W) holes from PNGs (non-zero = hole); sizes and counts must match the frames."""
-    files = list_images(folder, exts=(".png",))
+    files = images_in(folder, "--masks", (".png",))
     if len(files) < n:
         raise SystemExit(f"--masks: {folder} has {len(files)} masks for {n} frames")
     holes = np.stack([np.asarray(Image.open(f).convert("L")) > 0 for f in files[:n]])
@@ -177,8 +185,7 @@ def read_masks(folder, n, height, width):
 
 def annotation_holes(args, name, frame_files):
     """Dilated DAVIS annotation holes at the evaluation size, bool (N, H, W)."""
-    folder = os.path.join(args.davis_root, "Annotations", "480p", name)
-    files = list_images(folder, exts=(".png",))
+    files = images_in(os.path.join(args.davis_root, "Annotations", "480p", name), "--annotations", (".png",))
     holes = []
     for i, frame_file in enumerate(frame_files):
         with Image.open(frame_file) as im:
@@ -268,6 +275,12 @@ def evaluate(args, stage):
 
 def run_evaluation(args, stage):
     start_time = time.time()
+    videos = list_videos(args)
+    flag = f"--{'davis_root' if args.davis_root else 'videos'}"
+    lengths = [len(images_in(folder, flag)[:args.max_frames]) for _, folder in videos]
+    for name, _ in videos if args.masks else []:  # a missing mask folder stops before any model loads
+        images_in(os.path.join(args.masks, name), "--masks", (".png",))
+    total = sum(len(window_starts(n, min(args.nframes, n), args.overlap)) for n in lengths)
     device, dtype = pick_device(args.dtype)
     base = load_base_models(args.base_model_name_or_path, args.vae_path)
     pipes = {}
@@ -276,10 +289,7 @@ def run_evaluation(args, stage):
         # the base models are shared: one copy on the device serves every weight set
         pipes[name] = build_pipeline(stage, unet, brushnet, base, device, dtype)
     scorer = None if args.annotations else Scorer(args, device)
-    videos = list_videos(args)
     os.makedirs(args.output_dir, exist_ok=True)
-    lengths = [len(list_images(folder)[:args.max_frames]) for _, folder in videos]
-    total = sum(len(window_starts(n, min(args.nframes, n), args.overlap)) for n in lengths)
     progress = tqdm(total=total * len(pipes), desc=f"evaluate {stage}", unit="clip")
     per_video, frames_scores, acts = {}, {n: {k: [] for k in METRICS} for n in pipes}, {"gt": []}
     sampling_time, gifs = 0.0, []

@@ -153,6 +153,34 @@ def test_stage2_evaluation_of_a_released_folder(eval_assets, tmp_path):
     assert any("VFID skipped" in n for n in results["notes"])
 
 
+def test_annotations_give_pictures_and_no_scores(eval_assets, tmp_path):
+    from diffueraser.evaluate import main
+
+    results = main("stage1", 10, eval_argv(eval_assets, tmp_path, "--annotations", "--max_videos", "1",
+                                           "--max_frames", "3", weights=("a=w1",)))
+    assert results["means"] == {} and "annotations" in results["settings"]["masks"]
+    assert (tmp_path / "gifs" / "bear.gif").is_file() and not (tmp_path / "means.png").exists()
+    assert "no scores" in (tmp_path / "results.md").read_text()
+    with pytest.raises(SystemExit, match="--masks: no such file or folder: .*bear"):  # one line, naming the flag
+        main("stage1", 10, eval_argv(eval_assets, tmp_path, "--masks", tmp_path, "--max_videos", "1",
+                                     weights=("a=w1",)))
+
+
+@pytest.mark.parametrize("flags, size", [([], (512, 512)), (["--size", "432x240"], (240, 432)),
+                                         (["--native"], (80, 112))])
+def test_evaluation_sizes(eval_assets, flags, size):
+    import argparse
+
+    from diffueraser.evaluate import add_eval_args, check_eval_args, load_frames
+
+    parser = add_eval_args(argparse.ArgumentParser(), 10)
+    args = check_eval_args(parser, parser.parse_args(
+        ["--weights", f"a={eval_assets['root'] / 'w1'}", "--base_model_name_or_path", "sd",
+         "--videos", str(eval_assets["davis"] / "JPEGImages" / "480p"), "--max_frames", "2", *flags]))
+    frames, _ = load_frames(str(eval_assets["davis"] / "JPEGImages" / "480p" / "bear"), args)
+    assert frames.shape == (2, *size, 3)
+
+
 def test_windows_cover_and_blend_linearly():
     starts = window_starts(60, 10, 4)
     assert starts[0] == 0 and starts[-1] == 50 and all(b - a <= 6 for a, b in zip(starts, starts[1:]))
