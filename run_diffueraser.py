@@ -45,7 +45,8 @@ def build_parser():
     p.add_argument("--prior_steps", type=int, default=None,
                    help="With --prior: denoising steps to run from the prior (overrides --prior_strength).")
     p.add_argument("--dilate", type=int, default=4, help="3x3 dilations of the mask (covers object borders).")
-    p.add_argument("--blur", type=int, default=21, help="Gaussian kernel of the pasted result's soft edge (odd; 0 = hard).")
+    p.add_argument("--blur", type=int, default=21,
+                   help="Gaussian kernel of the pasted result's soft edge (odd; 0 = hard).")
     p.add_argument("--height", type=int, default=None, help="Model height (multiple of 8). Default: from the video.")
     p.add_argument("--width", type=int, default=None, help="Model width (multiple of 8). Default: from the video.")
     p.add_argument("--max_side", type=int, default=960, help="Long side the video is scaled down to, at most.")

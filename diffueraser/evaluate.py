@@ -37,9 +37,10 @@ def add_eval_args(parser, nframes_default):
     g = parser.add_argument_group("weights")
     g.add_argument("--weights", action="append", required=True, metavar="NAME=PATH",
                    help="A weight set to evaluate, repeatable: a converted folder (unet_main/ + brushnet/), the "
-                        "released DiffuEraser folder, or a training checkpoint (checkpoint-N, run folder, <run>/latest).")
-    g.add_argument("--base_model_name_or_path", required=True, help="Stable Diffusion 1.5 folder (text encoder, "
-                                                                    "tokenizer, scheduler, VAE).")
+                        "released DiffuEraser folder, or a training checkpoint (checkpoint-N, run folder, "
+                        "<run>/latest).")
+    g.add_argument("--base_model_name_or_path", required=True,
+                   help="Stable Diffusion 1.5 folder (text encoder, tokenizer, scheduler, VAE).")
     g.add_argument("--vae_path", default=None, help="VAE folder (sd-vae-ft-mse). Default: the base model's vae/.")
     g.add_argument("--i3d_weights", default=None, help="i3d_rgb_imagenet.pt for VFID (skipped without it).")
     g.add_argument("--i3d_eval_mode", action="store_true",
