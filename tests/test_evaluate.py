@@ -251,8 +251,8 @@ def user_video(tmp_path_factory):
     return root
 
 
-def run_argv(assets, video, *extra):
-    return [str(a) for a in ["--video", video / "in.mp4", "--weights", assets["root"] / "w1",
+def run_argv(assets, video, *extra, weights="w1"):
+    return [str(a) for a in ["--video", video / "in.mp4", "--weights", assets["root"] / weights,
                              "--base_model_name_or_path", assets["sd"], "--steps", "2", *extra]]
 
 
@@ -268,10 +268,11 @@ def read_mp4(path):
 def test_run_diffueraser_writes_every_frame_at_the_input_size(eval_assets, user_video, tmp_path):
     proc = subprocess.run([sys.executable, "run_diffueraser.py",
                            *run_argv(eval_assets, user_video, "--mask", user_video / "mask.png", "--nframes", "10",
-                                     "--output", tmp_path / "out.mp4", "--save_frames", tmp_path / "frames")],
+                                     "--output", tmp_path / "out.mp4", "--save_frames", tmp_path / "frames",
+                                     weights="released")],  # the motion UNet: stage-2 sampling
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "10 windows" in proc.stdout  # 60 frames, windows of 10 sharing 4
+    assert "stage2" in proc.stderr and "10 windows" in proc.stdout  # 60 frames, windows of 10 sharing 4
     out = read_mp4(tmp_path / "out.mp4")
     assert out.shape == (60, 64, 96, 3)
     saved = np.stack([cv2.imread(str(p))[..., ::-1] for p in sorted((tmp_path / "frames").glob("*.png"))])
@@ -291,4 +292,17 @@ def test_run_diffueraser_refuses_mismatched_masks(eval_assets, user_video, tmp_p
     assert proc.stderr.strip() == f"--mask: {user_video / 'mask_small.png'} is 96x32, --video is 96x64"
     with pytest.raises(SystemExit, match="has 59 frames, --video has 60"):
         run_diffueraser.main(run_argv(eval_assets, user_video, "--mask", user_video / "masks59"))
+    with pytest.raises(SystemExit, match="--prior: .* has 59 frames of 96x64, --video 60 of 96x64"):
+        run_diffueraser.main(run_argv(eval_assets, user_video, "--mask", user_video / "mask.png", "--prior",
+                                      user_video / "masks59"))
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_run_diffueraser_with_a_prior(eval_assets, user_video, tmp_path):
+    """Each window starts from the prior (here the input itself) noised to the last of 2 steps."""
+    import run_diffueraser
+
+    out = run_diffueraser.main(run_argv(eval_assets, user_video, "--mask", user_video / "mask.png", "--nframes", "30",
+                                        "--prior", user_video / "in.mp4", "--prior_steps", "1",
+                                        "--output", tmp_path / "prior.mp4"))
+    assert out.shape == (60, 64, 96, 3) and read_mp4(tmp_path / "prior.mp4").shape == (60, 64, 96, 3)
