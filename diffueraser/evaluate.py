@@ -1,8 +1,8 @@
 """Evaluate weight sets side by side on held-out videos: the core of eval_DiffuEraser_stage{1,2}.py.
 
 Every weight set sees the same clips, masks, windows and noise. Each video is inpainted in
-windows of `--nframes` (see diffueraser/inference.py), composited into the clean frames
-(blurred edge outside the hole, the hole all result) and scored against them: PSNR and SSIM over
+windows of `--nframes` (see diffueraser/inference.py), pasted into the clean frames through the
+hole (hard edge by default, as the standard evaluation) and scored against them: PSNR and SSIM over
 the whole frame (the standard tables' convention) and inside the hole, LPIPS where available,
 and one VFID per weight set over all videos (I3D, one vector per video). Means are over all
 frames of all videos. With `--annotations` (object removal) there is no ground truth: pictures only.
@@ -72,7 +72,9 @@ def add_eval_args(parser, nframes_default):
     g.add_argument("--guidance_scale", type=float, default=0.0, help="Classifier-free guidance (0 = off).")
     g.add_argument("--prompt", default="clean background", help="Caption (the training one).")
     g.add_argument("--seed", type=int, default=0, help="Noise seed (the same noise for every weight set).")
-    g.add_argument("--blur", type=int, default=21, help="Gaussian kernel of the composite's soft edge (odd; 0 = hard).")
+    g.add_argument("--blur", type=int, default=0,
+                   help="Gaussian kernel (odd) of a soft edge outside the hole when pasting the result, as "
+                        "run_diffueraser.py does; default 0: the hard paste of the standard evaluation.")
     g.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"],
                    help="Model dtype (default fp16 on CUDA, fp32 on the CPU).")
     g.add_argument("--output_dir", default="eval_out", help="Where results and GIFs go.")
@@ -112,6 +114,8 @@ def check_eval_args(parser, args):
         value = getattr(args, flag)
         if value and not os.path.exists(value):
             parser.error(f"--{flag}: {value} does not exist")
+    if args.blur < 0 or (args.blur and args.blur % 2 == 0):
+        parser.error(f"--blur: {args.blur} must be odd (or 0)")
     if not 0 <= args.overlap < args.nframes:
         parser.error(f"--overlap: {args.overlap} must be in [0, --nframes {args.nframes})")
     return args
