@@ -36,7 +36,7 @@ sys.path.insert(0, REPO)
 # (stage-1 steps, SIGTERM after this step, stage-1 validation every, stage-2 steps): the last
 # validation of each stage is the end-of-run one (the step count is no multiple of the interval)
 PLAN = {"tiny": dict(steps1=60, stop_after=2, val1=25, steps2=3),
-        "full": dict(steps1=24, stop_after=8, val1=16, steps2=12)}
+        "full": dict(steps1=16, stop_after=6, val1=8, steps2=12)}
 
 
 def write_assets(out, tiny):
