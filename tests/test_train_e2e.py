@@ -273,8 +273,16 @@ def test_converters_refuse_partial_truncated_and_other_stage_checkpoints(stage1_
     {"mixed_precision": "bf16", "gradient_checkpointing": True, "report_to": "tensorboard"},
 ])
 def test_batch_accumulation_and_precision(assets, tmp_path, extra):
-    proc = run("train_DiffuEraser_stage1.py", flags(assets, tmp_path, 2, **extra))
+    clip = assets / "DAVIS" / "JPEGImages" / "480p" / "bear"
+    proc = run("train_DiffuEraser_stage1.py", flags(assets, tmp_path, 2, **extra, validation_steps=5,
+                                                    validation_image=clip,
+                                                    validation_mask=str(clip).replace("JPEGImages", "Annotations")))
     assert list_checkpoints(str(tmp_path))[-1][0] == 2
+    # validation at the start and at the end (2 is no multiple of 5), also under mixed precision, where
+    # accelerate rebuilds the models' outputs in fp32 (every bf16/fp16 stage-1 validation once failed so)
+    assert "failed" not in proc.stderr, proc.stderr[-3000:]
+    for step in (0, 2):
+        assert (tmp_path / "logs" / "samples" / f"sample-{step}" / "bear.gif").is_file(), proc.stderr[-3000:]
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert all(info[k] == v for k, v in extra.items()), proc.stdout
     if extra.get("report_to") == "tensorboard":  # the tracker got loss and lr for every step
