@@ -93,6 +93,8 @@ def load_checkpoint_weights(path, stage, flag):
     run, leaf = os.path.split(os.path.normpath(path))
     try:
         checkpoint = resolve_checkpoint("latest", run) if leaf == "latest" else resolve_checkpoint(path, ".")
+    except ValueError as e:  # e.g. a save that never finished
+        raise SystemExit(f"{flag}: {e}") from None
     except FileNotFoundError:
         checkpoint = None
     if checkpoint is None:
