@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Callable
 

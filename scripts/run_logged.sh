@@ -43,8 +43,11 @@ run_logged() {
 # has started any there is nothing to save: end the launcher's session (setsid made it the leader).
 stop_trainers() {
   if [ -z "$RUN_LOGGED_PID" ]; then RUN_LOGGED_SIGNAL=$1; return 0; fi
-  echo "signal $1: passed to the trainer (it saves a checkpoint after this step, then stops)" >&2 || true
-  signal_children "$1" "$RUN_LOGGED_PID" && return 0
+  if signal_children "$1" "$RUN_LOGGED_PID"; then
+    echo "signal $1: passed to the trainer (it saves a checkpoint after this step, then stops)" >&2 || true
+    return 0
+  fi
+  echo "signal $1: stopped before the trainer started (nothing to save)" >&2 || true
   RUN_LOGGED_KILLED=1
   kill -KILL -- "-$RUN_LOGGED_PID" 2>/dev/null || kill -KILL "$RUN_LOGGED_PID" 2>/dev/null || true
 }
