@@ -109,6 +109,7 @@ def test_consecutive_frames_rgb_and_reversal(trees, tokenizer):
     ds = FinetuneDataset(make_args(davis_root=davis, ytvos_root=ytvos, nframes=5), tokenizer)
     n, reversed_count = 200, 0
     for i in range(n):
+        ds.set_epoch(i // len(ds))  # a sample is a function of (seed, epoch, index)
         s = ds[i % len(ds)]
         idx = frame_indices(s)
         step = idx[1] - idx[0]
@@ -124,7 +125,10 @@ def test_consecutive_frames_rgb_and_reversal(trees, tokenizer):
 def test_start_covers_every_offset(tmp_path, tokenizer):
     ytvos = ytvos_tree(tmp_path / "y", {"v": 7})
     ds = FinetuneDataset(make_args(ytvos_root=ytvos, nframes=4), tokenizer)
-    starts = {min(frame_indices(ds[0])) for _ in range(60)}
+    starts = set()
+    for epoch in range(60):  # a sample is a function of (seed, epoch, index)
+        ds.set_epoch(epoch)
+        starts.add(min(frame_indices(ds[0])))
     assert starts == {0, 1, 2, 3}
 
 
@@ -322,6 +326,7 @@ def test_empty_prompt_probability(trees, tokenizer, proportion):
     empty = tokenizer("", max_length=77, padding="max_length", return_tensors="pt").input_ids[0]
     n, empties = 300, 0
     for i in range(n):
+        ds.set_epoch(i // len(ds))
         ids = ds[i % len(ds)]["input_ids"]
         assert torch.equal(ids, empty) or torch.equal(ids, caption)
         empties += torch.equal(ids, empty)
