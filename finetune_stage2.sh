@@ -11,30 +11,31 @@ BASE_MODEL=${BASE_MODEL:-$WEIGHTS/stable-diffusion-v1-5}
 VAE=${VAE:-$WEIGHTS/sd-vae-ft-mse}
 MOTION_ADAPTER=${MOTION_ADAPTER:-$WEIGHTS/animatediff-motion-adapter-v1-5-2}
 STAGE1=${STAGE1:-converted_weights/diffuEraser-model-stage1}
-DAVIS=${DAVIS:-data/DAVIS}
-YTBV=${YTBV:-data/YTBV}
+DAVIS=${DAVIS-data/DAVIS}                      # DAVIS= (empty): not used; then give --csv_file / --frames_root
+YTBV=${YTBV-data/YTBV}                         # YTBV= (empty): not used
 OUTPUT_DIR=${OUTPUT_DIR:-finetune-stage2}
+MIXED_PRECISION=${MIXED_PRECISION:-fp16}           # bf16 on Ampere+ (no loss scaling needed), no = fp32
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}
 VAL_IMAGES=${VAL_IMAGES:-"['$DAVIS/JPEGImages/480p/bear', '$DAVIS/JPEGImages/480p/boat']"}
 VAL_MASKS=${VAL_MASKS:-"['$DAVIS/Annotations/480p/bear', '$DAVIS/Annotations/480p/boat']"}
 
 require_paths "WEIGHTS, BASE_MODEL, VAE, MOTION_ADAPTER, STAGE1, DAVIS, YTBV or ACCELERATE_CONFIG" \
-  "$BASE_MODEL" "$VAE" "$MOTION_ADAPTER" "$STAGE1" "$DAVIS" "$YTBV" ${ACCELERATE_CONFIG:+"$ACCELERATE_CONFIG"}
+  "$BASE_MODEL" "$VAE" "$MOTION_ADAPTER" "$STAGE1" ${DAVIS:+"$DAVIS"} ${YTBV:+"$YTBV"} ${ACCELERATE_CONFIG:+"$ACCELERATE_CONFIG"}
 mkdir -p "$OUTPUT_DIR"
 LOG="$OUTPUT_DIR/train_stage2.log"
 echo "logging to $LOG"
 
 # Ctrl-C or `kill <this script>`: the trainer saves a checkpoint and exits cleanly.
-run_logged "$LOG" accelerate launch ${ACCELERATE_CONFIG:+--config_file "$ACCELERATE_CONFIG"} --mixed_precision fp16 \
+run_logged "$LOG" accelerate launch ${ACCELERATE_CONFIG:+--config_file "$ACCELERATE_CONFIG"} --mixed_precision "$MIXED_PRECISION" \
   "$REPO/train_DiffuEraser_stage2.py" \
   --base_model_name_or_path "$BASE_MODEL" \
   --vae_path "$VAE" \
   --pretrained_stage1 "$STAGE1" \
   --motion_adapter_path "$MOTION_ADAPTER" \
-  --davis_root "$DAVIS" \
-  --ytvos_root "$YTBV" \
+  ${DAVIS:+--davis_root "$DAVIS"} \
+  ${YTBV:+--ytvos_root "$YTBV"} \
   --output_dir "$OUTPUT_DIR" \
-  --mixed_precision fp16 \
+  --mixed_precision "$MIXED_PRECISION" \
   --resolution 512 \
   --nframes 22 \
   --learning_rate 5e-06 \

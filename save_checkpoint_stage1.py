@@ -4,7 +4,8 @@ Edit the constants below and run `python save_checkpoint_stage1.py`, or pass fla
 """
 import os
 
-from diffueraser.convert import converter_parser, convert, find_checkpoint, model_config_dir
+from diffueraser.convert import (brushnet_config_for, converter_parser, convert, find_checkpoint, model_config_dir,
+                                 require_stage)
 
 INPUT_DIR = "finetune-stage1/latest"           # checkpoint-N, a run folder, or <run>/latest
 OUTPUT_DIR = "converted_weights/diffuEraser-model-stage1"
@@ -20,15 +21,16 @@ def main(argv=None):
                         help="SD1.5 folder, for model configs when the run folder has no model_config/.")
     args = parser.parse_args(argv)
     checkpoint = find_checkpoint(args.input_dir)
+    require_stage(checkpoint, 1)
     unet_config = model_config_dir(checkpoint, "unet_main")
     brushnet_config = model_config_dir(checkpoint, "brushnet")
     if unet_config is None:  # a checkpoint of the original scripts: UNet from SD1.5, BrushNet from_unet
         unet_dir = os.path.join(args.base_model_name_or_path, "unet")
         if not os.path.isfile(os.path.join(unet_dir, "config.json")):
-            parser.error(f"--base_model_name_or_path: {unet_dir} has no config.json")
+            raise SystemExit(f"--base_model_name_or_path: {unet_dir} has no config.json (needed: {checkpoint}'s "
+                             "run folder has no model_config/)")
         unet_config = unet_dir
-        from diffueraser.convert import build_from_config
-        brushnet_config = dict(BrushNetModel.from_unet(build_from_config(UNet2DConditionModel, unet_dir)).config)
+        brushnet_config = brushnet_config_for(UNet2DConditionModel.load_config(unet_dir))
     return convert(checkpoint, args.output_dir, UNet2DConditionModel, BrushNetModel, unet_config, brushnet_config,
                    force=args.force)
 

@@ -24,15 +24,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from diffueraser.tiny import SD15_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
 from diffueraser.trainer import (  # noqa: E402
     StepGraph, TextEmbedder, compile_models, configure_models, make_optimizer, place_frozen_encoders, resolve_cuda_graph,
     training_step, update, update_state)
 
-SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512)
-SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
 
 # name -> (stage, options). "baseline" is our step with every speed change off and the
 # original's per-step gc.collect()/empty_cache() put back, to show what each change buys.

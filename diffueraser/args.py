@@ -15,11 +15,33 @@ def add_model_args(parser):
 
 
 def add_data_args(parser):
-    g = parser.add_argument_group("data")
+    g = parser.add_argument_group("data (sources mix: give any of DAVIS, YouTube-VOS, frame folders, CSV videos)")
     g.add_argument("--davis_root", type=str, default=None, help="DAVIS-2017 root (ImageSets/, JPEGImages/480p/).")
     g.add_argument("--ytvos_root", type=str, default=None, help="YouTube-VOS-2019 train root (JPEGImages/).")
+    g.add_argument("--frames_root", type=str, default=None,
+                   help="Any folder of frame folders: every folder (at any depth) holding images is a video.")
+    g.add_argument("--train_data_dir", type=str, default=None,
+                   help="The original's video folder: the CSV's video paths are relative to it "
+                        "(default: the CSV's folder).")
+    g.add_argument("--csv_file", type=str, default=None,
+                   help="CSV(s) of videos with captions, one path or a Python-list string \"['a.csv', 'b.csv']\" "
+                        "(the original's form).")
+    g.add_argument("--video_column", type=str, default="video_path", help="CSV column of the video paths.")
+    g.add_argument("--caption_column", type=str, default="caption", help="CSV column of the captions.")
+    g.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N CSV rows (debugging).")
     g.add_argument("--davis_repeat", type=int, default=10, help="How many times DAVIS videos are listed per epoch.")
-    g.add_argument("--caption", type=str, default="clean background", help="Training caption.")
+    g.add_argument("--ytvos_repeat", type=int, default=1, help="How many times YouTube-VOS videos are listed.")
+    g.add_argument("--frames_repeat", type=int, default=1, help="How many times --frames_root videos are listed.")
+    g.add_argument("--video_repeat", type=int, default=1, help="How many times CSV videos are listed per epoch.")
+    g.add_argument("--davis_stride", type=int, default=1,
+                   help="Take every N-th DAVIS frame (DAVIS frames are every frame of the video).")
+    g.add_argument("--ytvos_stride", type=int, default=1,
+                   help="Take every N-th YouTube-VOS frame (its train JPEGs are already every 5th frame).")
+    g.add_argument("--frames_stride", type=int, default=1, help="Take every N-th --frames_root frame.")
+    g.add_argument("--video_stride", type=int, default=0,
+                   help="Take every N-th frame of CSV videos; 0: the original's max(fps // 15, 1), about 15 fps.")
+    g.add_argument("--caption", type=str, default="clean background",
+                   help="Training caption of the frame sources (CSV videos use their own).")
     g.add_argument("--resolution", type=int, default=512, help="Square training size (multiple of 8).")
     g.add_argument("--nframes", type=int, default=10, help="Frames per training clip.")
     g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
@@ -50,7 +72,8 @@ def add_optim_args(parser):
     g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
     g.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
-    g.add_argument("--set_grads_to_none", action="store_true", help="Free gradients between steps (default in torch).")
+    g.add_argument("--set_grads_to_none", action="store_true",
+                   help="No effect, accepted for the original scripts: gradients are always set to None between steps.")
     g.add_argument("--max_bad_steps", type=int, default=20,
                    help="Stop after this many updates in a row skipped for a non-finite loss (or, without "
                         "fp16's loss scaler, non-finite gradients).")
@@ -69,6 +92,10 @@ def add_speed_args(parser):
     g.add_argument("--compile", type=int, nargs="?", const=1, default=None, choices=[0, 1],
                    help="torch.compile the UNet, BrushNet and VAE encoder (default: on with CUDA, off on CPU and under "
                         "DeepSpeed; the first step then takes a few minutes to compile). --compile 0 turns it off.")
+    g.add_argument("--compile_cache", type=str, default=None,
+                   help="Folder for torch.compile's cache (default <output_dir>/compile_cache; 'none': torch's own "
+                        "temporary folder). Kept with the run, so a resume on a new machine starts in about a "
+                        "minute instead of compiling again.")
     g.add_argument("--vae_channel_norm", type=int, default=1, choices=[0, 1],
                    help="With --compile: the VAE encoder's GroupNorms take statistics per channel, then per group, "
                         "so the channels-last encoder never copies an activation to NCHW order (same result).")
@@ -107,6 +134,14 @@ def add_run_args(parser, output_dir_default):
     g.add_argument("--validation_inference_steps", type=int, default=20, help="Sampler steps for validation.")
 
 
+def add_compat_args(parser):
+    g = parser.add_argument_group("accepted for compatibility with the original scripts (no effect here)")
+    g.add_argument("--cache_dir", type=str, default=None,
+                   help="No effect: every model is read from a local folder, nothing is downloaded or cached.")
+    g.add_argument("--hub_token", type=str, default=None, help="Ignored: this toolkit never uploads.")
+    g.add_argument("--hub_model_id", type=str, default=None, help="Ignored: this toolkit never uploads.")
+
+
 def build_parser(description, output_dir_default, nframes_default):
     parser = argparse.ArgumentParser(description=description)
     add_model_args(parser)
@@ -114,6 +149,7 @@ def build_parser(description, output_dir_default, nframes_default):
     add_optim_args(parser)
     add_speed_args(parser)
     add_run_args(parser, output_dir_default)
+    add_compat_args(parser)
     parser.set_defaults(nframes=nframes_default)
     return parser
 
@@ -122,9 +158,36 @@ def _need_dir(flag, path, inside=None):
     if path is None:
         return
     target = os.path.join(path, inside) if inside else path
+    if os.path.isfile(path):
+        raise SystemExit(f"{flag}: {path} is a file, not a folder")
     if not os.path.exists(target):
         what = f"has no {inside}" if inside and os.path.isdir(path) else "does not exist"
         raise SystemExit(f"{flag}: {path} {what}")
+
+
+DATA_SOURCES = ("davis_root", "ytvos_root", "frames_root", "csv_file")
+
+
+def check_data_args(args):
+    """The data flags' one-line errors (the scan then checks what the sources hold)."""
+    if getattr(args, "train_data_dir", None) and not getattr(args, "csv_file", None):
+        raise SystemExit(f"--train_data_dir: {args.train_data_dir} needs --csv_file (the CSV listing its videos)")
+    if not any(getattr(args, flag, None) for flag in DATA_SOURCES):
+        raise SystemExit("--davis_root / --ytvos_root / --frames_root / --csv_file: give at least one data source")
+    for flag in ("davis_root", "ytvos_root", "frames_root", "train_data_dir"):
+        value = getattr(args, flag, None)
+        if value:
+            _need_dir(f"--{flag}", value)
+    for flag in ("davis_repeat", "ytvos_repeat", "frames_repeat", "video_repeat", "davis_stride", "ytvos_stride",
+                 "frames_stride", "nframes"):
+        if getattr(args, flag, 1) < 1:
+            raise SystemExit(f"--{flag}: {getattr(args, flag)} must be at least 1")
+    if getattr(args, "video_stride", 0) < 0:
+        raise SystemExit(f"--video_stride: {args.video_stride} must be 0 (the original's rule) or more")
+    if getattr(args, "max_train_samples", None) is not None and args.max_train_samples < 1:
+        raise SystemExit(f"--max_train_samples: {args.max_train_samples} must be at least 1")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        raise SystemExit(f"--proportion_empty_prompts: {args.proportion_empty_prompts} is not in [0, 1]")
 
 
 def check_args(args):
@@ -132,24 +195,74 @@ def check_args(args):
     _need_dir("--base_model_name_or_path", args.base_model_name_or_path, "scheduler")
     _need_dir("--vae_path", args.vae_path)
     _need_dir("--tokenizer_name", args.tokenizer_name)
-    for flag in ("davis_root", "ytvos_root"):
-        value = getattr(args, flag)
-        if value:
-            _need_dir(f"--{flag}", value)
-    if not args.davis_root and not args.ytvos_root:
-        raise SystemExit("--davis_root / --ytvos_root: give at least one dataset root")
+    check_data_args(args)
     if args.resolution % 8:
         raise SystemExit(f"--resolution: {args.resolution} is not a multiple of 8")
-    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
-        raise SystemExit(f"--proportion_empty_prompts: {args.proportion_empty_prompts} is not in [0, 1]")
     for flag in ("nframes", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                  "validation_steps"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag}: {getattr(args, flag)} must be at least 1")
-    resume = args.resume_from_checkpoint
-    if resume and resume != "latest" and not os.path.isdir(resume) \
-            and not os.path.isdir(os.path.join(args.output_dir, resume)):
-        raise SystemExit(f"--resume_from_checkpoint: {resume} is not a checkpoint folder")
+    check_optimizer_args(args)
+    check_mixed_precision(args.mixed_precision)
+    check_resume(args.resume_from_checkpoint, args.output_dir)
+    note_ignored_flags(args)
     if args.num_validation_frames is None:
         args.num_validation_frames = args.nframes
     return args
+
+
+def check_optimizer_args(args):
+    """AdamW's own checks, as one line naming the flag instead of a traceback after loading models."""
+    for flag, value, ok, rule in (
+            ("learning_rate", args.learning_rate, args.learning_rate >= 0, "must be >= 0"),
+            ("adam_beta1", args.adam_beta1, 0 <= args.adam_beta1 < 1, "must be in [0, 1)"),
+            ("adam_beta2", args.adam_beta2, 0 <= args.adam_beta2 < 1, "must be in [0, 1)"),
+            ("adam_epsilon", args.adam_epsilon, args.adam_epsilon >= 0, "must be >= 0"),
+            ("adam_weight_decay", args.adam_weight_decay, args.adam_weight_decay >= 0, "must be >= 0"),
+            ("max_grad_norm", args.max_grad_norm, args.max_grad_norm > 0, "must be > 0")):
+        if not ok:  # a NaN fails every comparison, so it lands here too
+            raise SystemExit(f"--{flag}: {value} {rule}")
+
+
+def _env_true(name):
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def check_mixed_precision(flag_value):
+    """fp16 needs a GPU: on the CPU accelerate accepts it and the first step fails on dtypes.
+    The precision comes from --mixed_precision, else from `accelerate launch --mixed_precision` or
+    its config file (both reach the script as ACCELERATE_MIXED_PRECISION)."""
+    env = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if (flag_value or env) != "fp16":
+        return
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # CUDA, and XPU/MPS/NPU where accelerate supports fp16
+    has_gpu = accelerator.is_available() if accelerator else torch.cuda.is_available()
+    if has_gpu and not _env_true("ACCELERATE_USE_CPU"):
+        return
+    source = "--mixed_precision fp16" if flag_value else \
+        "ACCELERATE_MIXED_PRECISION=fp16 (from accelerate launch --mixed_precision or its config)"
+    raise SystemExit(f"{source}: fp16 needs a CUDA GPU and this run has none; use --mixed_precision bf16 or no "
+                     "(finetune_stage*.sh pass fp16: add --mixed_precision bf16 at the end of their command line)")
+
+
+def check_resume(resume, output_dir):
+    if not resume or resume == "latest":
+        return
+    if os.path.basename(os.path.normpath(resume)).endswith(".partial"):
+        raise SystemExit(f"--resume_from_checkpoint: {resume} is a checkpoint save that never finished (.partial); "
+                         "give latest or a checkpoint-<step> folder")
+    if not os.path.isdir(resume) and not os.path.isdir(os.path.join(output_dir, resume)):
+        raise SystemExit(f"--resume_from_checkpoint: {resume} is not a checkpoint folder")
+
+
+def note_ignored_flags(args):
+    """One line per flag of the original scripts that means nothing here (first process only)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for flag in ("hub_token", "hub_model_id"):
+        if getattr(args, flag, None):
+            print(f"--{flag}: ignored: this toolkit never uploads")
+    if getattr(args, "cache_dir", None):
+        print(f"--cache_dir {args.cache_dir}: no effect: models are read from local folders only")

@@ -6,6 +6,7 @@ disk is never taken for the latest one. Inside, accelerate's own layout is kept 
 original DiffuEraser scripts): `model.safetensors` holds the first prepared model (the UNet),
 `model_1.safetensors` the second (BrushNet, stage 1 only), plus optimizer, LR schedule and RNG.
 """
+import errno
 import hashlib
 import json
 import os
@@ -44,15 +45,24 @@ def find_latest_checkpoint(output_dir):
 
 
 def resolve_checkpoint(spec, output_dir):
-    """`latest`, a run folder, or a checkpoint folder -> checkpoint path (None if `latest` finds none)."""
+    """`latest`, a run folder, or a checkpoint folder -> checkpoint path (None if `latest` finds none).
+    A `.partial` folder is refused (ValueError) even when its files look complete: its save never
+    reached the rename that marks it done."""
     if spec == "latest":
         return find_latest_checkpoint(output_dir)
+    if is_partial(spec):
+        raise ValueError(f"{spec} is a checkpoint save that never finished (.partial); give checkpoint-<step>, "
+                         "the run folder or latest")
     for path in (spec, os.path.join(output_dir, spec)):
         if is_complete(path):
             return path
         if os.path.isdir(path) and list_checkpoints(path):
             return find_latest_checkpoint(path)
     raise FileNotFoundError(f"{spec}: not a complete checkpoint folder nor a run folder with one")
+
+
+def is_partial(path):
+    return os.path.basename(os.path.normpath(path)).endswith(".partial")
 
 
 def checkpoint_step(path):
@@ -124,26 +134,119 @@ def read_marker(path):
 
 def save_checkpoint(accelerator, output_dir, step, total_limit=None, marker=None):
     """Save the full training state as `output_dir/checkpoint-<step>` (atomically, flushed to disk
-    before the rename); `marker` adds entries to its completion marker. Returns its path."""
+    before the rename); `marker` adds entries to its completion marker. Returns its path.
+
+    A full disk stops the run with one line (SystemExit) on every process, the half-written
+    `.partial` removed and the previous checkpoint untouched."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     partial = final + ".partial"
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(partial)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(partial, COMPLETE), "w") as f:
-            json.dump({"step": step, **(marker or {})}, f, indent=1)
-        _fsync_tree(partial)  # a power cut after the rename must not leave a "complete" empty folder
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        _fsync_dir(output_dir)
-        if total_limit is not None:  # only once the new one is complete
-            prune_checkpoints(output_dir, total_limit)
+    full = _agree_disk_full(accelerator, _disk_full_during(lambda: accelerator.save_state(partial)))
+    if not full and accelerator.is_main_process:
+        full = _disk_full_during(lambda: _complete(partial, final, step, marker))
+    if _agree_disk_full(accelerator, full):
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise SystemExit(disk_full_message(output_dir, final))
+    if accelerator.is_main_process and total_limit is not None:  # only once the new one is complete
+        prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def _complete(partial, final, step, marker):
+    """Mark `partial` complete, flush it, and rename it to `final` (main process)."""
+    with open(os.path.join(partial, COMPLETE), "w") as f:
+        json.dump({"step": step, **(marker or {})}, f, indent=1)
+    _fsync_tree(partial)  # a power cut after the rename must not leave a "complete" empty folder
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    _fsync_dir(os.path.dirname(final))
+
+
+# ----------------------------------------------------------------------------- a full disk
+FULL_SIZE_NEEDS = "a stage-1 checkpoint needs ~20 GB (stage 2 ~8.3 GB) at SD1.5 size"
+_DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "unexpected pos")
+
+
+def is_disk_full(error):
+    """True for the ways a full disk surfaces in a save: OSError ENOSPC/EDQUOT, torch.save's
+    `[enforce fail at inline_container.cc] unexpected pos`, safetensors' `os error 28`
+    (also when wrapped by another exception)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(error) for text in _DISK_FULL_TEXT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _disk_full_during(write):
+    """Run `write()`; True if it ran out of disk space, False if it worked; other errors propagate."""
+    try:
+        write()
+    except Exception as e:
+        if is_disk_full(e):
+            return True
+        raise
+    return False
+
+
+def _agree_disk_full(accelerator, full):
+    """True on every process if any process ran out of space (one process: no communication)."""
+    if accelerator.num_processes == 1:
+        return bool(full)
+    import torch
+
+    flag = torch.tensor([float(bool(full))], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def gigabytes(n):
+    return f"{n / 2**30:.1f} GB"
+
+
+def disk_full_message(output_dir, checkpoint):
+    free = shutil.disk_usage(output_dir).free if os.path.isdir(output_dir) else 0
+    return (f"no space left on {output_dir} ({gigabytes(free)} free) while saving {os.path.basename(checkpoint)}: "
+            f"{FULL_SIZE_NEEDS}; the previous checkpoint is kept. Free some space (or use another --output_dir), "
+            "then resume with --resume_from_checkpoint latest")
+
+
+def checkpoint_bytes(models):
+    """Estimated size of one checkpoint of a run training `models`: every state-dict tensor of each
+    trained model (accelerate saves the whole prepared model: stage 2 its frozen spatial layers
+    too) plus AdamW's two moments per trained parameter. Frozen models are not saved. SD1.5 size:
+    stage 1 19.5 GB, stage 2 8.3 GB (GB = 2**30 bytes, as du counts)."""
+    total = 0
+    for model in models:
+        trained = [p for p in model.parameters() if p.requires_grad]
+        if trained:
+            total += sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            total += 2 * sum(p.numel() * p.element_size() for p in trained)
+    return total
+
+
+def warn_if_low_disk(output_dir, models):
+    """Warn (one line; returns it) when `output_dir`'s disk cannot hold the checkpoints a save needs:
+    the previous checkpoint stays until the new one is complete, so two of them, less those already
+    written there."""
+    need = checkpoint_bytes(models)
+    missing = max(1, 2 - len(list_checkpoints(output_dir)))
+    free = shutil.disk_usage(output_dir).free
+    if free >= missing * need:
+        return None
+    line = (f"warning: {output_dir} has {gigabytes(free)} free; a checkpoint of this run takes ~{gigabytes(need)} "
+            f"and the previous one is kept until the next is complete, so {gigabytes(missing * need)} are needed: "
+            "a save will run out of space")
+    print(line)
+    return line
 
 
 def abandon_newer_checkpoints(output_dir, step):
@@ -166,13 +269,24 @@ def prune_checkpoints(output_dir, keep):
 
 
 def load_checkpoint_models(path):
-    """The model tensors of a checkpoint: a list of state dicts, in prepare order."""
-    states = []
-    for name in MODEL_FILES:
-        file = os.path.join(path, name)
-        if os.path.isfile(file):
-            states.append(load_file(file))
-    if not states:
+    """The model tensors of a checkpoint: a list of state dicts, in prepare order (the UNet, then
+    BrushNet if the checkpoint holds it). A damaged or truncated file is a ValueError naming it."""
+    if not os.path.isfile(os.path.join(path, MODEL_FILES[0])):
         raise FileNotFoundError(f"{path}: no {MODEL_FILES[0]} (a DeepSpeed checkpoint? convert it with "
                                 "DeepSpeed's zero_to_fp32.py, or resume and let the run write final folders)")
-    return states
+    return [read_safetensors(os.path.join(path, name)) for name in MODEL_FILES
+            if os.path.isfile(os.path.join(path, name))]
+
+
+def read_safetensors(file):
+    """`load_file(file)`; a file that is not whole (cut short by a crash or a full disk) is a
+    ValueError naming it instead of safetensors' bare `incomplete metadata`."""
+    try:
+        return load_file(file)
+    except Exception as e:  # safetensors raises its own SafetensorError (no common base to catch)
+        raise ValueError(unreadable(file, e)) from None
+
+
+def unreadable(file, error):
+    return (f"{file}: not a readable safetensors file ({error}); it was probably cut short "
+            f"({os.path.getsize(file)} bytes): use another checkpoint")

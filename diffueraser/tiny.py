@@ -22,6 +22,13 @@ TINY_MOTION_ADAPTER = dict(
     motion_num_attention_heads=2, motion_norm_num_groups=2, motion_max_seq_length=32,
     use_motion_mid_block=True,
 )
+# Smaller still, for compiled runs on a CPU (every block shape is compiled on its own): 2 levels,
+# 1 layer each; the last width is 32 because the motion up block always has 32 norm groups.
+MICRO_UNET = dict(TINY_UNET, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], block_out_channels=[16, 32], layers_per_block=1,
+                  norm_num_groups=4)
+MICRO_MOTION_ADAPTER = dict(TINY_MOTION_ADAPTER, block_out_channels=[16, 32], motion_layers_per_block=1,
+                            motion_norm_num_groups=4)
 TINY_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 16, 16, 16],
     down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
@@ -31,6 +38,12 @@ TINY_SCHEDULER = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     clip_sample=False, steps_offset=1, prediction_type="epsilon",
 )
+# SD1.5 sizes (the rest are the classes' defaults, which are SD1.5's): bench/ and the GPU smoke run
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512)
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
 WORDS = ["clean", "background", "a", "the", "video", "of", "bear", "boat"]
 
 
@@ -74,8 +87,20 @@ def tiny_tokenizer(path):
     return CLIPTokenizer.from_pretrained(path)
 
 
-def write_tiny_sd(path, seed=0):
-    """Write a tiny SD1.5-layout base model folder; returns its path."""
+def build_device():
+    """Where random models are built: the GPU if there is one (SD1.5-size initialisation on a CPU
+    takes minutes), else the CPU. The saved files are the same either way but for the RNG."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def write_tiny_sd(path, seed=0, size="tiny"):
+    """Write a random SD1.5-layout base model folder, size "tiny", "micro" or "full" (SD1.5's);
+    returns its path.
+
+    The tokenizer is always the tiny one (no download); its ids fit both text encoders.
+    """
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -83,28 +108,36 @@ def write_tiny_sd(path, seed=0):
     from libs.unet_2d_condition import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    UNet2DConditionModel(**TINY_UNET).save_pretrained(os.path.join(path, "unet"))
-    AutoencoderKL(**TINY_VAE).save_pretrained(os.path.join(path, "vae"))
-    text_cfg = CLIPTextConfig(vocab_size=1000, hidden_size=20, intermediate_size=37, num_hidden_layers=2,
-                              num_attention_heads=2, max_position_embeddings=77, projection_dim=20)
     write_tiny_tokenizer(os.path.join(path, "tokenizer"))
     with open(os.path.join(path, "tokenizer", "vocab.json")) as f:
-        text_cfg.vocab_size = len(json.load(f))
-    text_cfg.bos_token_id, text_cfg.eos_token_id = text_cfg.vocab_size - 2, text_cfg.vocab_size - 1
-    CLIPTextModel(text_cfg).save_pretrained(os.path.join(path, "text_encoder"))
+        vocab = len(json.load(f))
+    full = size == "full"
+    if full:
+        text_cfg = CLIPTextConfig(**SD15_TEXT)
+    else:
+        text_cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=20, intermediate_size=37, num_hidden_layers=2,
+                                  num_attention_heads=2, max_position_embeddings=77, projection_dim=20)
+    text_cfg.bos_token_id, text_cfg.eos_token_id = vocab - 2, vocab - 1
+    with torch.device(build_device()):
+        unet = dict(tiny=TINY_UNET, micro=MICRO_UNET, full=SD15_UNET)[size]
+        UNet2DConditionModel(**unet).save_pretrained(os.path.join(path, "unet"))
+        AutoencoderKL(**(SD15_VAE if full else TINY_VAE)).save_pretrained(os.path.join(path, "vae"))
+        CLIPTextModel(text_cfg).save_pretrained(os.path.join(path, "text_encoder"))
     DDPMScheduler(**TINY_SCHEDULER).save_pretrained(os.path.join(path, "scheduler"))
     with open(os.path.join(path, "model_index.json"), "w") as f:
         json.dump({"_class_name": "StableDiffusionPipeline"}, f)
     return path
 
 
-def write_tiny_motion_adapter(path, seed=0):
+def write_tiny_motion_adapter(path, seed=0, size="tiny"):
+    """Write a random MotionAdapter folder, size "tiny", "micro" or "full" (v1-5-2's); returns its path."""
     import torch
 
     from libs.unet_motion_model import MotionAdapter
 
     torch.manual_seed(seed)
-    MotionAdapter(**TINY_MOTION_ADAPTER).save_pretrained(path)
+    with torch.device(build_device()):
+        MotionAdapter(**dict(tiny=TINY_MOTION_ADAPTER, micro=MICRO_MOTION_ADAPTER, full={})[size]).save_pretrained(path)
     return path
 
 

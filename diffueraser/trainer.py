@@ -25,11 +25,12 @@ from accelerate.utils import (DataLoaderConfiguration, DistributedType, InitProc
 from tqdm.auto import tqdm
 
 from diffueraser.checkpoints import (abandon_newer_checkpoints, checkpoint_step, fingerprint, read_marker,
-                                     resolve_checkpoint, save_checkpoint)
+                                     resolve_checkpoint, save_checkpoint, warn_if_low_disk)
 from diffueraser.stopping import StopRequest
 from diffueraser.validation import Validator
 
 logger = get_logger("diffueraser")
+START = time.time()  # when the process imported the trainer: "first step after N s" counts from here
 
 
 @dataclass
@@ -281,6 +282,20 @@ def weight_dtype_of(accelerator):
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
+def use_compile_cache(args):
+    """Keep torch.compile's cache (inductor's FX graphs, AOT autograd and Triton kernels) beside the
+    checkpoints, in `--compile_cache` (default <output_dir>/compile_cache), so a resume on another
+    machine reuses what the first run compiled instead of compiling for minutes again.
+    Returns the folder in use, or None ('none': torch's own temporary folder)."""
+    if not args.compile:
+        return None
+    if args.compile_cache != "none":  # read by inductor whenever it compiles (importing diffusers sets a default)
+        folder = os.path.abspath(args.compile_cache or os.path.join(args.output_dir, "compile_cache"))
+        os.makedirs(folder, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default folder")
+
+
 def place_frozen_encoders(args, vae, text_encoder, device, dtype):
     """VAE and text encoder on the device in the mixed-precision dtype (they never train)."""
     vae.to(device, dtype=dtype)
@@ -422,10 +437,25 @@ def make_optimizer(args, params, accelerator):
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
-def make_dataloader(args, tokenizer):
+def scan_data(args, num_processes=1):
+    """The data scan's verdict before any model loads (dataset.finetune_dataset.DataScan): a
+    missing source, nothing usable or --nframes longer than every video is one line, no traceback."""
+    from dataset.finetune_dataset import DataScan
+
+    try:
+        scan = DataScan(args)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(str(err))
+    if len(scan.entries) < args.train_batch_size * num_processes:
+        raise SystemExit(f"the dataset has {len(scan.entries)} clips, fewer than --train_batch_size "
+                         f"{args.train_batch_size} x {num_processes} process(es)")
+    return scan
+
+
+def make_dataloader(args, tokenizer, scan=None):
     from dataset.finetune_dataset import FinetuneDataset
 
-    dataset = FinetuneDataset(args, tokenizer)
+    dataset = FinetuneDataset(args, tokenizer, scan)
     # Its own generator: starting the loader (every epoch without workers, again on resume) would
     # otherwise draw its workers' base seed from the global RNG, which the training step draws from.
     # The order is the seedable sampler's, each sample a function of (seed, epoch, index).
@@ -461,7 +491,7 @@ def save_final_models(accelerator, unet, brushnet, output_dir, frozen_sources=No
 
 
 # ----------------------------------------------------------------------------- the loop
-def prepare(accelerator, args, stage, tokenizer):
+def prepare(accelerator, args, stage, tokenizer, scan=None):
     """Models, optimizer, data and LR schedule, with only the trained nets handed to accelerate."""
     from diffusers.optimization import get_scheduler
 
@@ -472,7 +502,7 @@ def prepare(accelerator, args, stage, tokenizer):
     trained = [m for m in (unet, brushnet) if is_trained(m)]
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     optimizer = make_optimizer(args, params, accelerator)
-    dataloader = make_dataloader(args, tokenizer)
+    dataloader = make_dataloader(args, tokenizer, scan)
     weight_dtype = weight_dtype_of(accelerator)
     for m in (unet, brushnet):  # frozen nets: half precision, no gradients, never wrapped
         if not is_trained(m):
@@ -656,6 +686,22 @@ def update(accelerator, args, state, loss, params, optimizer, lr_scheduler):
     return True
 
 
+def report_peak_memory(accelerator):
+    """One line with this process's peak GPU memory (training and validation), where there is a GPU."""
+    if accelerator.device.type == "cuda":
+        gib = 2 ** 30
+        accelerator.print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / gib:.1f} GiB allocated, "
+                          f"{torch.cuda.max_memory_reserved() / gib:.1f} GiB reserved")
+
+
+def timed(accelerator, what, fn, *args):
+    """fn(*args), then a log line saying how long it took."""
+    start = time.time()
+    result = fn(*args)
+    accelerator.print(f"{what}: {time.time() - start:.0f} s")
+    return result
+
+
 def train(args, stage):
     """Run a stage from parsed and checked arguments."""
     stop = StopRequest()  # before anything slow: a stop during start-up ends the run
@@ -663,12 +709,15 @@ def train(args, stage):
     args.compile = resolve_compile(args.compile, accelerator)
     args.cuda_graph = resolve_cuda_graph(args.cuda_graph, args, accelerator)
     os.makedirs(args.output_dir, exist_ok=True)
+    cache = use_compile_cache(args)
+    scan = scan_data(args, accelerator.num_processes)  # before the models: a bad source costs seconds, not minutes
     tokenizer, text_encoder, vae, noise_scheduler = load_frozen_models(args)
     weight_dtype = weight_dtype_of(accelerator)
     place_frozen_encoders(args, vae, text_encoder, accelerator.device, weight_dtype)
     unet, brushnet, optimizer, dataloader, lr_scheduler, steps_per_epoch, params = prepare(
-        accelerator, args, stage, tokenizer)
+        accelerator, args, stage, tokenizer, scan)
     if accelerator.is_main_process:
+        warn_if_low_disk(args.output_dir, (unet, brushnet))
         accelerator.init_trackers(args.tracker_project_name,
                                   config={k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool))})
     sources = stage.frozen_sources(args) if stage.frozen_sources else {}
@@ -679,7 +728,7 @@ def train(args, stage):
     embed_text = TextEmbedder(text_encoder)
     if args.compile:
         accelerator.print("torch.compile is on: the first step and the first validation compile the blocks "
-                          "(minutes, once per shape); --compile 0 turns it off")
+                          f"(minutes, once per shape; seconds with a warm cache in {cache}); --compile 0 turns it off")
     accelerator.print(f"{stage.name}: {sum(p.numel() for p in params) / 1e6:.1f} M trainable parameters, "
                       f"{len(dataloader.dataset)} clips, {steps_per_epoch} steps/epoch, "
                       f"{args.max_train_steps} steps, {accelerator.num_processes} process(es)")
@@ -687,7 +736,7 @@ def train(args, stage):
                     disable=not accelerator.is_local_main_process)
     models = (unet, brushnet, vae, text_encoder, tokenizer, noise_scheduler)
     if validate and global_step == 0:
-        validate(accelerator, models, 0)
+        timed(accelerator, "validation at step 0 (compiling included)", validate, accelerator, models, 0)
     state = update_state(global_step)
     epoch, skip = data_position(saved_position, global_step, steps_per_epoch, args, len(dataloader))
     trained = [m for m in (unet, brushnet) if is_trained(m)]
@@ -702,8 +751,10 @@ def train(args, stage):
         step_fn = StepGraph(forward_backward, params)
         accelerator.print(f"CUDA graph is on: step {step_fn.warmup + 1} captures the forward + backward, later "
                           "steps replay it; --cuda_graph 0 turns it off")
+    dataset = dataloader.dataset
     position = [epoch, skip]  # batches read, saved with each checkpoint: the resume point
     stop.training = True  # from here a stop saves a checkpoint after the current step
+    loop_start = time.time()
     while state["step"] < args.max_train_steps:  # skipped (non-finite) updates do not count as steps
         start_epoch(dataloader, epoch)
         batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
@@ -717,18 +768,24 @@ def train(args, stage):
                 if not update(accelerator, args, state, loss, params, optimizer, lr_scheduler):
                     continue
             progress.update(1)
+            if state["step"] == global_step + 1:
+                accelerator.print(f"first step done {time.time() - START:.0f} s after start, "
+                                  f"{time.time() - loop_start:.0f} s of it in the step (compiling included)")
             logs = {"loss": state["loss"], "lr": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(**logs)
+            logs["skipped_clips"] = dataset.skipped_count  # unreadable clips replaced so far (all workers)
             accelerator.log(logs, step=state["step"])
             stopping = stop.agreed(accelerator)
             if state["step"] % args.checkpointing_steps == 0 or stopping:
+                start = time.time()
                 path = save_checkpoint(accelerator, args.output_dir, state["step"], args.checkpoints_total_limit,
                                        dict(marker, data_position=position))
-                accelerator.print(f"saved {path}")
+                accelerator.print(f"saved {path} in {time.time() - start:.0f} s")
             if validate and state["step"] % args.validation_steps == 0:
                 validate(accelerator, models, state["step"])
             if stopping:
                 progress.close()
+                report_peak_memory(accelerator)
                 accelerator.end_training()
                 accelerator.print(f"stopped at step {state['step']}; resume with --resume_from_checkpoint latest")
                 return state["step"]
@@ -737,10 +794,18 @@ def train(args, stage):
         epoch += 1
     global_step = state["step"]
     progress.close()
+    if dataset.skipped_count:
+        accelerator.print(f"data: {dataset.skipped_count} clips could not be read and were replaced by others "
+                          f"({dataset.skipped_videos} videos skipped at the scan)")
     accelerator.wait_for_everyone()
     if global_step % args.checkpointing_steps:
-        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
-                        dict(marker, data_position=position))
+        start = time.time()
+        path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
+                               dict(marker, data_position=position))
+        accelerator.print(f"saved {path} in {time.time() - start:.0f} s")
+    if validate and global_step % args.validation_steps:  # every run ends with a picture of its weights
+        validate(accelerator, models, global_step)
+    report_peak_memory(accelerator)
     if accelerator.is_main_process:
         save_final_models(accelerator, unet, brushnet, args.output_dir, sources)
     accelerator.end_training()

@@ -203,7 +203,9 @@ class Validator:
             prompts = _prompts(self.args.validation_prompt, len(self.clips))
             clips = [dict(c, prompt=p) for c, p in zip(self.clips, prompts)]
             out_dir = os.path.join(self.args.output_dir, self.args.logging_dir, "samples")
-            with accelerator.autocast():
+            # Eager, also in a compiled run: compiling the sampler's eval-mode shapes would add minutes to
+            # every start for seconds saved per validation.
+            with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
                 run_validation(pipe, clips, out_dir, step, seed=self.args.seed or 0, trackers=accelerator.trackers,
                                num_inference_steps=self.args.validation_inference_steps)
         except Exception as e:

@@ -29,11 +29,14 @@ class BrushNetOutput(BaseOutput):
     down_block_res_samples: after conv_in, each down resnet/attention pair and downsampler (12 for SD).
     mid_block_res_sample: after the mid block. up_block_res_samples: after each up resnet/attention
     pair and upsampler (15 for SD).
+
+    The fields default to None so that the output can be rebuilt from a dict, as accelerate does
+    when it casts a prepared model's outputs to float32 under mixed precision.
     """
 
-    down_block_res_samples: tuple[torch.Tensor, ...]
-    mid_block_res_sample: torch.Tensor
-    up_block_res_samples: tuple[torch.Tensor, ...]
+    down_block_res_samples: tuple[torch.Tensor, ...] = None
+    mid_block_res_sample: torch.Tensor = None
+    up_block_res_samples: tuple[torch.Tensor, ...] = None
 
 
 def zero_conv(channels: int) -> nn.Conv2d:

@@ -16,7 +16,7 @@ checkpoints (saved by diffusers 0.29.2) at SD1.5 size, so no key bridging is nee
 import functools
 
 import torch
-from diffusers import MotionAdapter  # re-exported unchanged: same config and state-dict keys
+from diffusers import MotionAdapter as _DiffusersMotionAdapter
 from diffusers import UNetMotionModel as _DiffusersUNetMotionModel
 from diffusers.models.unets.unet_motion_model import UNetMotionOutput
 
@@ -27,6 +27,11 @@ __all__ = ["MotionAdapter", "UNetMotionModel"]
 # The released checkpoints were trained with diffusers 0.29.2, whose up blocks without
 # attention built their motion modules with GroupNorm's default of 32 groups.
 RELEASED_UP_BLOCK_MOTION_GROUPS = 32
+
+
+class MotionAdapter(StrictLoadingMixin, _DiffusersMotionAdapter):
+    """diffusers' MotionAdapter (same config and state-dict keys) whose `from_pretrained` is strict:
+    diffusers would initialise a missing tensor randomly and only warn."""
 
 
 class UNetMotionModel(StrictLoadingMixin, _DiffusersUNetMotionModel):

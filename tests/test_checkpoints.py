@@ -1,4 +1,8 @@
-"""Checkpoint bookkeeping: what counts as complete, `latest`, pruning, resolving user paths."""
+"""Checkpoint bookkeeping: what counts as complete, `latest`, pruning, resolving user paths, a full disk."""
+import errno
+import os
+from pathlib import Path
+
 import pytest
 
 from diffueraser.checkpoints import (checkpoint_step, find_latest_checkpoint, list_checkpoints, prune_checkpoints,
@@ -104,3 +108,105 @@ def test_empty_or_missing_marker_reads_as_none(tmp_path):
     assert read_marker(str(path)) == {}
     (path / "checkpoint_complete.json").write_text('{"step": 3, "frozen_sources": {}}')
     assert read_marker(str(path)) == {"step": 3, "frozen_sources": {}}
+
+
+def test_partial_checkpoint_is_refused_even_when_complete_looking(tmp_path):
+    path = make(tmp_path, "checkpoint-4.partial")
+    (path / "checkpoint_complete.json").write_text('{"step": 4}')
+    for spec in (str(path), str(path) + "/", "checkpoint-4.partial"):
+        with pytest.raises(ValueError, match="never finished"):
+            resolve_checkpoint(spec, str(tmp_path))
+
+
+class FakeAccelerator:
+    """One process whose save_state writes a model file, or fails like a full disk."""
+    is_main_process, num_processes = True, 1
+
+    def __init__(self, error=None):
+        self.error = error
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, path):
+        os.makedirs(path)
+        (Path(path) / "model.safetensors").write_bytes(b"x" * 100)
+        if self.error:
+            raise self.error
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 9216 vs 9110"),
+    OSError(errno.ENOSPC, "No space left on device"),
+])
+def test_full_disk_during_a_save_stops_with_one_line(tmp_path, error):
+    from diffueraser.checkpoints import save_checkpoint
+
+    save_checkpoint(FakeAccelerator(), str(tmp_path), 2)
+    with pytest.raises(SystemExit) as e:
+        save_checkpoint(FakeAccelerator(error), str(tmp_path), 4, total_limit=1)
+    message = str(e.value.code)
+    assert message.startswith(f"no space left on {tmp_path} (") and "\n" not in message
+    assert "stage-1 checkpoint needs ~20 GB (stage 2 ~8.3 GB)" in message and "checkpoint-4" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]   # kept; the half-written one removed
+    with pytest.raises(ValueError, match="boom"):                            # other errors are not disguised
+        save_checkpoint(FakeAccelerator(ValueError("boom")), str(tmp_path), 6)
+
+
+def test_low_disk_warning_counts_weights_and_adam_moments(tmp_path, monkeypatch):
+    """A checkpoint: every tensor of each trained model plus two AdamW moments per trained parameter;
+    frozen models are not saved. The warning asks for room for two, less those already there."""
+    import shutil
+    from collections import namedtuple
+
+    import torch
+
+    from diffueraser.checkpoints import checkpoint_bytes, warn_if_low_disk
+
+    trained, frozen = torch.nn.Linear(10, 10), torch.nn.Linear(100, 100).requires_grad_(False)
+    trained.register_buffer("pe", torch.zeros(5))
+    trained.bias.requires_grad_(False)                   # part of a trained model, frozen: weights only
+    assert checkpoint_bytes([trained, frozen]) == (100 + 10 + 5) * 4 + 2 * 100 * 4
+    need = checkpoint_bytes([trained])
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, 2 * need - 1))
+    line = warn_if_low_disk(str(tmp_path), [trained])
+    assert line.startswith(f"warning: {tmp_path} has ") and "a save will run out of space" in line
+    make(tmp_path, "checkpoint-2")                        # one already written: room for one more is enough
+    assert warn_if_low_disk(str(tmp_path), [trained]) is None
+
+
+def save_with_full_disk_on_rank_1(output_dir):
+    """Two processes save step 2, then step 4 with rank 1 out of space; each writes what it got."""
+    import datetime
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from diffueraser.checkpoints import save_checkpoint
+
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=60))])
+    model = torch.nn.Linear(2, 2)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    save_checkpoint(accelerator, output_dir, 2)
+    if accelerator.process_index == 1:
+        def full(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        accelerator.save_state = full
+    try:
+        save_checkpoint(accelerator, output_dir, 4)
+        outcome = "saved"
+    except SystemExit as e:
+        outcome = str(e.code)
+    Path(output_dir, f"rank{accelerator.process_index}.txt").write_text(outcome)
+
+
+def test_full_disk_on_one_process_stops_every_process(tmp_path):
+    """No process is left waiting at a barrier for one that ran out of space."""
+    from accelerate import debug_launcher
+
+    debug_launcher(save_with_full_disk_on_rank_1, args=(str(tmp_path),), num_processes=2)
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text().startswith(f"no space left on {tmp_path}")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]

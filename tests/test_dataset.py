@@ -208,7 +208,7 @@ def test_missing_root_is_an_error_naming_it(tmp_path, tokenizer):
         FinetuneDataset(make_args(davis_root=str(empty)), tokenizer)
     with pytest.raises(ValueError, match=f"--ytvos_root: {empty} has no JPEGImages"):
         FinetuneDataset(make_args(ytvos_root=str(empty)), tokenizer)
-    with pytest.raises(ValueError, match="--davis_root and/or --ytvos_root"):
+    with pytest.raises(ValueError, match="give --davis_root, --ytvos_root, --frames_root and/or --csv_file"):
         FinetuneDataset(make_args(), tokenizer)
 
 

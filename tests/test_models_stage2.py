@@ -247,18 +247,21 @@ def test_save_pretrained_round_trip_is_bit_exact(unet_main, stage2, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["missing", "misshapen"])
-def test_loading_is_strict(stage2, tmp_path, damage):
-    folder = shutil.copytree(stage2 / "unet_main", tmp_path / "unet_main")
+@pytest.mark.parametrize("folder, cls, key", [
+    ("unet_main", UNetMotionModel, "up_blocks.1.motion_modules.0.proj_in.weight"),
+    ("motion_adapter", MotionAdapter, "down_blocks.0.motion_modules.1.proj_out.weight"),  # diffusers only warns
+])
+def test_loading_is_strict(stage2, tmp_path, damage, folder, cls, key):
+    folder = shutil.copytree(stage2 / folder, tmp_path / folder)
     weights = folder / "diffusion_pytorch_model.safetensors"
     state = load_file(weights)
-    key = "up_blocks.1.motion_modules.0.proj_in.weight"
     if damage == "missing":
         del state[key]
     else:
         state[key] = torch.zeros(3, 3)
     save_file(state, weights, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=re.escape(key)):
-        UNetMotionModel.from_pretrained(folder)
+        cls.from_pretrained(folder)
 
 
 def test_save_motion_modules_writes_loadable_adapter(unet_main, stage2, tmp_path):

@@ -278,6 +278,35 @@ def test_converter_stage2(stage1_run, stage2_run, tmp_path):
     assert sum(p.numel() for p in unet.parameters()) > 0
 
 
+def test_converters_refuse_partial_truncated_and_other_stage_checkpoints(stage1_run, stage2_run, tmp_path):
+    """Each gets one line naming the path (and, for the other stage, the converter to use); nothing is written."""
+    import shutil
+
+    import save_checkpoint_stage1
+    import save_checkpoint_stage2
+
+    def refusal(main, input_dir):
+        with pytest.raises(SystemExit) as e:
+            main(["--input_dir", str(input_dir), "--output_dir", str(tmp_path / "converted")])
+        assert not (tmp_path / "converted").exists()
+        message = str(e.value.code)
+        assert "\n" not in message
+        return message
+    run = tmp_path / "run"
+    shutil.copytree(stage1_run["out"] / "model_config", run / "model_config")
+    partial = shutil.copytree(stage1_run["out"] / "checkpoint-8", run / "checkpoint-9.partial")  # complete-looking
+    assert "checkpoint-9.partial is a checkpoint save that never finished" in refusal(save_checkpoint_stage1.main,
+                                                                                     partial)
+    truncated = shutil.copytree(stage1_run["out"] / "checkpoint-8", run / "checkpoint-8") / "model_1.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:-1000])
+    message = refusal(save_checkpoint_stage1.main, run / "checkpoint-8")
+    assert message.startswith(f"{truncated}: not a readable safetensors file"), message
+    message = refusal(save_checkpoint_stage1.main, stage2_run)
+    assert "is a stage-2 checkpoint" in message and "save_checkpoint_stage2.py" in message
+    message = refusal(save_checkpoint_stage2.main, stage1_run["out"])
+    assert "is a stage-1 checkpoint" in message and "save_checkpoint_stage1.py" in message
+
+
 @pytest.mark.parametrize("extra", [
     {"train_batch_size": 2, "gradient_accumulation_steps": 2, "mixed_precision": "no"},
     {"mixed_precision": "bf16", "gradient_checkpointing": True, "report_to": "tensorboard"},
