@@ -4,6 +4,11 @@
 
 See train.md for the full recipe.
 """
+from diffueraser.stopping import StopRequest
+
+if __name__ == "__main__":  # first: a stop during the imports below (seconds) ends the run
+    StopRequest()
+
 import os
 
 from diffueraser.args import build_parser, check_args

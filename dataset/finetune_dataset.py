@@ -143,10 +143,12 @@ class FinetuneDataset(torch.utils.data.Dataset):
     outside the mask, and cost a second resize per frame. The square is cut at source size
     before the resize (the same framing as resize-then-crop to within a pixel).
 
-    Randomness: every draw of a sample comes from `generator(index)`, never from global state.
-    With `args.seed` each draw depends on (seed, epoch, index, visit of that index in this
-    process, DataLoader worker seed), so runs repeat exactly; `set_epoch` like a
-    DistributedSampler's. Without a seed it follows torch's seed (`torch.initial_seed()`,
+    Randomness: with `args.seed` a sample (clip, start, mask, reversal, caption, retries) is a
+    pure function of (seed, epoch, index): the same whichever worker or process draws it, however
+    often the loader was restarted, so a resumed run draws what the uninterrupted one did. Every
+    draw comes from `generator(index)`, never from global state or per-process counters.
+    `set_epoch` like a DistributedSampler's; it reaches persistent workers too. Without a seed
+    it follows torch's seed (`torch.initial_seed()`,
     which DataLoader workers get per worker and per epoch), as the original's global RNGs do.
 
     An unreadable frame or video does not stop an epoch: the sample draws another clip (up to
@@ -169,10 +171,9 @@ class FinetuneDataset(torch.utils.data.Dataset):
         self.token_cache = {}
         self.caption_ids = self.tokenize(self.caption)
         self.empty_ids = self.tokenize("")
-        self.epoch = 0
+        self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # shared with persistent workers
         self.skipped = torch.zeros(MAX_WORKERS, dtype=torch.int64).share_memory_()  # bad clips per worker
         self.warned_videos = set()
-        self.visits = np.zeros(len(self.entries), np.int64)
         self.process = None  # pid the per-process state below belongs to
         self.stream = None
 
@@ -190,7 +191,7 @@ class FinetuneDataset(torch.utils.data.Dataset):
         return len(self.entries)
 
     def set_epoch(self, epoch):
-        self.epoch = int(epoch)
+        self.epoch.fill_(int(epoch))  # in place: workers started in an earlier epoch see it
 
     def tokenize(self, caption):
         """input_ids of a caption, cached (a CSV source has one caption per video)."""
@@ -207,10 +208,7 @@ class FinetuneDataset(torch.utils.data.Dataset):
                 cv2.setNumThreads(1)  # one worker = one core; parallelism comes from workers
         if self.seed is None:
             return self.stream
-        self.visits[index] += 1
-        worker = torch.utils.data.get_worker_info()
-        worker_seed = worker.seed if worker is not None else 0
-        return np.random.default_rng([int(self.seed), self.epoch, index, int(self.visits[index]), worker_seed])
+        return np.random.default_rng([int(self.seed), int(self.epoch), int(index)])
 
     def __getitem__(self, index):
         rng = self.generator(index)

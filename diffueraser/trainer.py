@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from diffueraser.checkpoints import (abandon_newer_checkpoints, checkpoint_step, fingerprint, read_marker,
                                      resolve_checkpoint, save_checkpoint, warn_if_low_disk)
+from diffueraser.stopping import StopRequest
 from diffueraser.validation import Validator
 
 logger = get_logger("diffueraser")
@@ -174,7 +174,8 @@ def make_accelerator(args):
     report_to = None if args.report_to in (None, "none") else args.report_to
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=report_to, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # every process shuffles with --seed alone (not seed + rank), so their shards of one order never overlap
+        log_with=report_to, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         # validation and checkpoint writes run on the main process while the others wait
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))],
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir))
@@ -455,35 +456,14 @@ def make_dataloader(args, tokenizer, scan=None):
     from dataset.finetune_dataset import FinetuneDataset
 
     dataset = FinetuneDataset(args, tokenizer, scan)
+    # Its own generator: starting the loader (every epoch without workers, again on resume) would
+    # otherwise draw its workers' base seed from the global RNG, which the training step draws from.
+    # The order is the seedable sampler's, each sample a function of (seed, epoch, index).
+    generator = None if args.seed is None else torch.Generator().manual_seed(args.seed)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
+        dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True, generator=generator,
         num_workers=args.dataloader_num_workers, persistent_workers=args.dataloader_num_workers > 0,
-        pin_memory=torch.cuda.is_available())  # the dataset seeds each draw from (seed, epoch, index, worker)
-
-
-class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and exits."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        # The same stop often arrives twice (terminal group + launcher); a later one means "now".
-        if self.requested and time.monotonic() - self.requested > 5:
-            raise KeyboardInterrupt
-        if self.requested:
-            return
-        self.requested = time.monotonic()
-        tqdm.write(f"signal {signal.Signals(signum).name}: saving a checkpoint after this step, then exiting")
-
-    def agreed(self, accelerator):
-        """True on every process if any process was asked to stop."""
-        if accelerator.num_processes == 1:
-            return bool(self.requested)
-        flag = torch.tensor([float(bool(self.requested))], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        pin_memory=torch.cuda.is_available())
 
 
 def save_run_info(args, unet, brushnet):
@@ -552,19 +532,21 @@ def frozen_fingerprints(sources):
 
 
 def resume(accelerator, args, frozen=None):
-    """Restore the state named by --resume_from_checkpoint; returns the step to continue from.
+    """Restore the state named by --resume_from_checkpoint; returns (step, data position) to continue
+    from: the position as saved, [epoch, batches read in it], or None for a checkpoint without one.
 
     A checkpoint only holds the trained models: a frozen one is loaded again from its folder, so
     if that folder changed since the checkpoint was written (stage 2's BrushNet re-converted),
     the run stops instead of silently pairing the checkpoint with another model.
     """
     if not args.resume_from_checkpoint:
-        return 0
+        return 0, None
     path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if path is None:
         accelerator.print(f"no checkpoint in {args.output_dir} yet: starting from step 0")
-        return 0
-    saved = read_marker(path).get("frozen_sources", {})
+        return 0, None
+    marker = read_marker(path)
+    saved = marker.get("frozen_sources", {})
     for name, now in (frozen or {}).items():
         if name in saved and saved[name]["files"] != now["files"]:
             raise SystemExit(f"{path} was trained against the frozen {name} in {saved[name]['path']} as it was "
@@ -577,7 +559,22 @@ def resume(accelerator, args, frozen=None):
     if accelerator.is_main_process and in_this_run:  # an older one of this run: set the newer aside
         abandon_newer_checkpoints(args.output_dir, step)
     accelerator.wait_for_everyone()
-    return step
+    return step, marker.get("data_position")
+
+
+def data_position(saved, step, steps_per_epoch, args, batches_per_epoch):
+    """(epoch, batches of it already read) to go on from: the checkpoint's own record, else (one
+    written before it was kept) derived from the step, which is exact unless updates were skipped."""
+    epoch, read = saved or (step // steps_per_epoch, (step % steps_per_epoch) * args.gradient_accumulation_steps)
+    return (epoch + 1, 0) if read >= batches_per_epoch else (epoch, read)
+
+
+def start_epoch(dataloader, epoch):
+    """Sampler order and per-sample draws of `epoch`. accelerate's set_epoch tells the dataset only
+    when one process runs with no batches skipped, so the dataset is told here."""
+    dataloader.set_epoch(epoch)
+    if hasattr(dataloader.dataset, "set_epoch"):
+        dataloader.dataset.set_epoch(epoch)
 
 
 def folds_clip(accelerator, args, optimizer):
@@ -707,6 +704,7 @@ def timed(accelerator, what, fn, *args):
 
 def train(args, stage):
     """Run a stage from parsed and checked arguments."""
+    stop = StopRequest()  # before anything slow: a stop during start-up ends the run
     accelerator = make_accelerator(args)
     args.compile = resolve_compile(args.compile, accelerator)
     args.cuda_graph = resolve_cuda_graph(args.cuda_graph, args, accelerator)
@@ -724,11 +722,10 @@ def train(args, stage):
                                   config={k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool))})
     sources = stage.frozen_sources(args) if stage.frozen_sources else {}
     frozen = frozen_fingerprints(sources)
-    global_step = resume(accelerator, args, frozen)
-    marker = {"frozen_sources": frozen} if frozen else None
+    global_step, saved_position = resume(accelerator, args, frozen)
+    marker = {"frozen_sources": frozen} if frozen else {}
     validate = Validator(args, stage) if accelerator.is_main_process else None
     embed_text = TextEmbedder(text_encoder)
-    stop = StopRequest()
     if args.compile:
         accelerator.print("torch.compile is on: the first step and the first validation compile the blocks "
                           f"(minutes, once per shape; seconds with a warm cache in {cache}); --compile 0 turns it off")
@@ -741,8 +738,7 @@ def train(args, stage):
     if validate and global_step == 0:
         timed(accelerator, "validation at step 0 (compiling included)", validate, accelerator, models, 0)
     state = update_state(global_step)
-    first_epoch = global_step // steps_per_epoch
-    skip = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    epoch, skip = data_position(saved_position, global_step, steps_per_epoch, args, len(dataloader))
     trained = [m for m in (unet, brushnet) if is_trained(m)]
 
     def forward_backward(batch):
@@ -756,14 +752,15 @@ def train(args, stage):
         accelerator.print(f"CUDA graph is on: step {step_fn.warmup + 1} captures the forward + backward, later "
                           "steps replay it; --cuda_graph 0 turns it off")
     dataset = dataloader.dataset
-    epoch = first_epoch
+    position = [epoch, skip]  # batches read, saved with each checkpoint: the resume point
+    stop.training = True  # from here a stop saves a checkpoint after the current step
     loop_start = time.time()
     while state["step"] < args.max_train_steps:  # skipped (non-finite) updates do not count as steps
-        if hasattr(dataloader, "set_epoch"):
-            dataloader.set_epoch(epoch)
+        start_epoch(dataloader, epoch)
         batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-        skip = 0
+        position, skip = [epoch, skip], 0
         for batch in batches:
+            position[1] += 1
             # the caption's embedding outside any graph: its cache looks the ids up on the host
             batch = dict(batch, text_embeds=embed_text(batch["input_ids"]))
             with accelerator.accumulate(*trained):
@@ -782,7 +779,7 @@ def train(args, stage):
             if state["step"] % args.checkpointing_steps == 0 or stopping:
                 start = time.time()
                 path = save_checkpoint(accelerator, args.output_dir, state["step"], args.checkpoints_total_limit,
-                                       marker)
+                                       dict(marker, data_position=position))
                 accelerator.print(f"saved {path} in {time.time() - start:.0f} s")
             if validate and state["step"] % args.validation_steps == 0:
                 validate(accelerator, models, state["step"])
@@ -803,7 +800,8 @@ def train(args, stage):
     accelerator.wait_for_everyone()
     if global_step % args.checkpointing_steps:
         start = time.time()
-        path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, marker)
+        path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
+                               dict(marker, data_position=position))
         accelerator.print(f"saved {path} in {time.time() - start:.0f} s")
     if validate and global_step % args.validation_steps:  # every run ends with a picture of its weights
         validate(accelerator, models, global_step)

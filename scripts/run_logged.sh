@@ -12,13 +12,16 @@ require_paths() {
 # Ctrl-C, `kill <script>` or a closed terminal reach only the trainer processes, which finish
 # their step, save a checkpoint and exit cleanly (a second signal more than 5 s later stops them at
 # once). The launcher runs in its own session and never sees a signal: accelerate launch (>= 1.16)
-# and torchrun answer SIGTERM/SIGINT by killing their workers 5-30 s later, mid-save.
+# and torchrun answer SIGTERM/SIGINT by killing their workers 5-30 s later, mid-save. A stop before
+# training started ends the run at once with nothing saved, status 0 as well. The trainers inherit
+# INT/TERM ignored (from the trap below, and `&` without job control ignores INT): they set their
+# own handlers first thing (diffueraser/stopping.py).
 run_logged() {
   local log=$1 status=0 tee_pid; shift
   set +m  # no job control: setsid must not fork, so the launcher stays this shell's child
   exec 3> >(trap '' INT TERM HUP; exec tee -a "$log")  # tee: this shell's child, not the launcher's
   tee_pid=$!
-  RUN_LOGGED_PID='' RUN_LOGGED_SIGNAL=''
+  RUN_LOGGED_PID='' RUN_LOGGED_SIGNAL='' RUN_LOGGED_KILLED=''
   trap 'stop_trainers TERM' TERM HUP
   trap 'stop_trainers INT' INT
   (trap '' INT TERM; exec setsid "$@") >&3 2>&3 &
@@ -29,6 +32,7 @@ run_logged() {
     kill -0 "$RUN_LOGGED_PID" 2>/dev/null || break
   done
   wait "$RUN_LOGGED_PID" 2>/dev/null && status=0 || { local s=$?; [ "$s" -eq 127 ] || status=$s; }  # reaped in a trap
+  [ -z "$RUN_LOGGED_KILLED" ] || status=0  # stopped before any trainer started: a clean stop
   trap - INT TERM HUP
   exec 3>&-
   wait "$tee_pid" 2>/dev/null || true  # the log holds every line before the script ends
@@ -39,9 +43,13 @@ run_logged() {
 # has started any there is nothing to save: end the launcher's session (setsid made it the leader).
 stop_trainers() {
   if [ -z "$RUN_LOGGED_PID" ]; then RUN_LOGGED_SIGNAL=$1; return 0; fi
-  echo "signal $1: passed to the trainer (it saves a checkpoint after this step, then stops)" >&2 || true
-  signal_children "$1" "$RUN_LOGGED_PID" || kill -KILL -- "-$RUN_LOGGED_PID" 2>/dev/null \
-    || kill -KILL "$RUN_LOGGED_PID" 2>/dev/null || true
+  if signal_children "$1" "$RUN_LOGGED_PID"; then
+    echo "signal $1: passed to the trainer (it saves a checkpoint after this step, then stops)" >&2 || true
+    return 0
+  fi
+  echo "signal $1: stopped before the trainer started (nothing to save)" >&2 || true
+  RUN_LOGGED_KILLED=1
+  kill -KILL -- "-$RUN_LOGGED_PID" 2>/dev/null || kill -KILL "$RUN_LOGGED_PID" 2>/dev/null || true
 }
 
 # signal_children SIGNAL PID: send SIGNAL to PID's children; false if it has none.

@@ -36,6 +36,20 @@ def test_prune_keeps_newest_and_removes_partials(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]
 
 
+def test_data_position_of_a_resume():
+    """Where the data goes on: the checkpoint's record ([epoch, batches read]; a whole epoch read is the
+    next one's start), else, for a checkpoint without one, derived from the step."""
+    from types import SimpleNamespace
+
+    from diffueraser.trainer import data_position
+
+    args = SimpleNamespace(gradient_accumulation_steps=2)
+    assert data_position([1, 3], 10, 4, args, 8) == (1, 3)
+    assert data_position([1, 8], 10, 4, args, 8) == (2, 0)
+    assert data_position(None, 10, 4, args, 8) == (2, 4)      # 4 updates of 2 batches per epoch
+    assert data_position(None, 8, 4, args, 8) == (2, 0)
+
+
 def test_resolve_user_paths(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

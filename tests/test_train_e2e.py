@@ -193,6 +193,45 @@ def test_stage2_resume_checks_the_frozen_brushnet(assets, stage1_run, stage2_run
     assert "resuming from" in proc.stdout + proc.stderr and (out / "checkpoint-3").is_dir()
 
 
+def assert_same_weights(run_a, run_b, step):
+    from diffueraser.checkpoints import load_checkpoint_models
+
+    a, b = (load_checkpoint_models(str(out / f"checkpoint-{step}")) for out in (run_a, run_b))
+    assert [s.keys() for s in a] == [s.keys() for s in b]
+    differ = [k for sa, sb in zip(a, b) for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not differ, f"{len(differ)} tensors differ at step {step}, e.g. {differ[0]}"
+
+
+@pytest.mark.parametrize("stage, workers, stops, older", [
+    ("stage1", 2, (2, 4, 6), None),  # stopped mid-epoch (2), resumed across and at the epoch boundary (4)
+    ("stage2", 0, (3, 6), 4),        # stopped mid-epoch (3); then again from the older checkpoint-4 (a boundary)
+])
+def test_resumed_run_is_bitwise_the_uninterrupted_one(assets, stage1_run, tmp_path, stage, workers, stops, older):
+    """A run stopped at checkpoints and resumed (`latest`, or an older checkpoint's path) ends with the
+    weights of the run that was never stopped, bit for bit: the data order and every sample's draws are
+    functions of (seed, epoch, index), the step's noise comes from the checkpointed RNG, and starting
+    the loader again (workers included) draws nothing from it. 4 clips: an epoch is 4 steps."""
+    script = f"train_DiffuEraser_{stage}.py"
+    extra = dict(davis_repeat=1, dataloader_num_workers=workers)
+    if stage == "stage2":
+        extra.update(nframes=4, pretrained_stage1=stage1_run["out"], motion_adapter_path=assets / "adapter")
+    whole, pieces = tmp_path / "whole", tmp_path / "pieces"
+    run(script, flags(assets, whole, stops[-1], **extra))
+    for stop in stops:
+        run(script, flags(assets, pieces, stop, resume_from_checkpoint="latest", **extra))
+    assert_same_weights(whole, pieces, stops[-1])
+    if older:
+        run(script, flags(assets, pieces, stops[-1], resume_from_checkpoint=pieces / f"checkpoint-{older}", **extra))
+        assert (pieces / f"checkpoint-{stops[-1]}.abandoned-at-{older}").is_dir()
+        assert_same_weights(whole, pieces, stops[-1])
+
+
+def test_run_resumed_after_sigterm_is_bitwise_the_uninterrupted_one(assets, stage1_run, tmp_path):
+    """stage1_run was stopped by SIGTERM at whichever step it had reached (22 clips: mid-epoch), then resumed."""
+    run("train_DiffuEraser_stage1.py", flags(assets, tmp_path, 8))
+    assert_same_weights(stage1_run["out"], tmp_path, 8)
+
+
 def test_stage2_trains_motion_modules_only(stage1_run, stage2_run):
     stage1, out = stage1_run["out"], stage2_run
     before = load_file(str(stage1 / "unet_main" / "diffusion_pytorch_model.safetensors"))
@@ -343,24 +382,44 @@ def test_stage1_unet_from_a_released_stage2_unet(reference):
     assert all(torch.equal(state[k], expected[k]) for k in expected)
 
 
+def start_stage1_script(assets, out, cwd):
+    """finetune_stage1.sh on the tiny assets, training "forever", in its own session; returns (process, log)."""
+    env = {**os.environ, "BASE_MODEL": str(assets / "sd"), "VAE": str(assets / "sd"), "DAVIS": str(assets / "DAVIS"),
+           "YTBV": str(assets / "YTVOS"), "OUTPUT_DIR": str(out)}
+    extra = ["--mixed_precision", "no", "--resolution", "64", "--nframes", "2", "--dataloader_num_workers", "0",
+             "--max_train_steps", "100000", "--validation_steps", "100000", "--validation_inference_steps", "1",
+             "--report_to", "none"]
+    proc = subprocess.Popen(["bash", str(REPO / "finetune_stage1.sh"), *extra], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return proc, out / "train_stage1.log"
+
+
+def wait_for_log(proc, log, text):
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and text not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.2)
+
+
+def end_leftovers(proc):
+    """A failed test must not leave a trainer running (the launcher has a session of its own)."""
+    import psutil
+
+    try:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+    except psutil.NoSuchProcess:
+        pass
+    proc.kill()
+
+
 @pytest.mark.parametrize("how", ["kill_script", "ctrl_c"])
 def test_shell_script_stop_saves_and_exits(assets, tmp_path, how):
     """`kill <finetune_stage1.sh>` (SIGTERM to the script) or Ctrl-C (SIGINT to the terminal's process
     group): the trainer saves a checkpoint, the log has it all, exit 0. The launcher must not see the
     signal: accelerate launch >= 1.16 kills its child 5 s after its own SIGTERM (exit 143)."""
     out = tmp_path / "out"
-    env = {**os.environ, "BASE_MODEL": str(assets / "sd"), "VAE": str(assets / "sd"), "DAVIS": str(assets / "DAVIS"),
-           "YTBV": str(assets / "YTVOS"), "OUTPUT_DIR": str(out)}
-    extra = ["--mixed_precision", "no", "--resolution", "64", "--nframes", "2", "--dataloader_num_workers", "0",
-             "--max_train_steps", "100000", "--validation_steps", "100000", "--validation_inference_steps", "1",
-             "--report_to", "none"]
-    proc = subprocess.Popen(["bash", str(REPO / "finetune_stage1.sh"), *extra], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    log = out / "train_stage1.log"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and "steps/epoch" not in (
-            log.read_text() if log.exists() else ""):
-        time.sleep(0.5)
+    proc, log = start_stage1_script(assets, out, tmp_path)
+    wait_for_log(proc, log, "steps/epoch")
     time.sleep(3)  # a few training steps
     if how == "kill_script":
         proc.send_signal(signal.SIGTERM)
@@ -370,3 +429,25 @@ def test_shell_script_stop_saves_and_exits(assets, tmp_path, how):
     text = log.read_text()
     assert "stopped at step" in text and "resume with --resume_from_checkpoint latest" in text
     assert list_checkpoints(str(out)), text[-2000:]
+
+
+@pytest.mark.parametrize("moment", ["1 s after the start", "at the data scan"])
+def test_shell_script_stop_during_startup_ends_it(assets, tmp_path, moment):
+    """`kill <finetune_stage1.sh>` before training started: the run ends at once, status 0, no checkpoint.
+    1 s in, the launcher is starting (no trainer yet: its session is ended); at the data scan the trainer
+    is loading, with SIGINT/SIGTERM inherited ignored (run_logged.sh, `&`), which it must undo first thing."""
+    out = tmp_path / "out"
+    proc, log = start_stage1_script(assets, out, tmp_path)
+    try:
+        if moment == "1 s after the start":
+            time.sleep(1)
+        else:
+            wait_for_log(proc, log, "FinetuneDataset scan")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+    finally:
+        end_leftovers(proc)
+    text = log.read_text()
+    assert "stopped at step" not in text and not list_checkpoints(str(out)), text[-2000:]
+    if moment == "at the data scan":
+        assert "signal SIGTERM before training started: stopped, no checkpoint written" in text, text[-2000:]
