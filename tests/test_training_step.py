@@ -40,7 +40,9 @@ def test_inputs_match_reference(reference, stage, case):
     masks = t["in.pixel_masks"].flatten(0, 1).float()
     noisy, frame_t, cond = diffusion_inputs(scheduler, t["in.latents"], t["in.conditioning_latents"], masks,
                                             t["in.noise"], t["in.timesteps"], f)
-    assert torch.equal(noisy, t["prep.noisy_latents"])
+    # 1e-6, the reference README's bound for prep.*: exact on the CI machines so far, 2.4e-7 off on an
+    # AVX-512 Xeon (the scheduler's arithmetic rounds differently in its vectorised kernels)
+    torch.testing.assert_close(noisy, t["prep.noisy_latents"], rtol=0, atol=1e-6)
     assert torch.equal(cond, t["prep.brushnet_cond"])
     assert torch.equal(cond[:, 4:], t["prep.latent_masks"].flatten(0, 1))
     if "prep.brushnet_timesteps" in t:
