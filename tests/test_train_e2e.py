@@ -90,7 +90,7 @@ def test_speed_defaults(stage1_run):
     assert info["compile"] is False and info["cudnn_benchmark"] == 1
     from accelerate.utils import DistributedType
 
-    from diffueraser.trainer import resolve_compile
+    from diffueraser.speed import resolve_compile
 
     def acc(device, kind=DistributedType.NO):
         return SimpleNamespace(device=torch.device(device), distributed_type=kind)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from diffueraser.trainer import folds_clip, fused_clip_step, read_later, update, update_state
+from diffueraser.speed import folds_clip, fused_clip_step, read_later
+from diffueraser.trainer import update, update_state
 
 ARGS = dict(max_grad_norm=1.0, max_bad_steps=3)
 
