@@ -4,10 +4,12 @@ None of it changes what a step computes beyond rounding: the choices between com
 (`--compile`, `--compile_scope`, the compile cache), a step captured as a CUDA graph
 (`--cuda_graph`), norms that keep the activations' layout or dtype (`--vae_channel_norm`,
 `--fast_norms`), memory format and attention backend (`--channels_last`, xformers), and the
-gradient clip folded into the fused AdamW (`--fold_clip`).
+gradient clip folded into the fused AdamW (`--fold_clip`). At the end, what the run reports
+about its speed: steps/s and data wait per step (StepClock), timings, peak memory.
 """
 import gc
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,14 @@ def resolve_cuda_graph(choice, args, accelerator):
     if choice and conflicts:
         raise SystemExit(f"--cuda_graph 1: {'; '.join(conflicts)}. Leave --cuda_graph unset or pass --cuda_graph 0.")
     return bool(choice)
+
+
+def graphed(fn, params, accelerator):
+    """fn as a StepGraph, and a line saying so."""
+    graph = StepGraph(fn, params)
+    accelerator.print(f"CUDA graph is on: step {graph.warmup + 1} captures the forward + backward, later "
+                      "steps replay it; --cuda_graph 0 turns it off")
+    return graph
 
 
 class StepGraph:
@@ -106,10 +116,10 @@ class StepGraph:
         self.grads = [p.grad for p in self.params]
 
 
-def use_compile_cache(args):
+def use_compile_cache(args, accelerator=None):
     """Keep torch.compile's cache (inductor's FX graphs, AOT autograd and Triton kernels) beside the
     checkpoints, in `--compile_cache` (default <output_dir>/compile_cache), so a resume on another
-    machine reuses what the first run compiled instead of compiling for minutes again.
+    machine reuses what the first run compiled instead of compiling for minutes again, and say so.
     Returns the folder in use, or None ('none': torch's own temporary folder)."""
     if not args.compile:
         return None
@@ -117,7 +127,11 @@ def use_compile_cache(args):
         folder = os.path.abspath(args.compile_cache or os.path.join(args.output_dir, "compile_cache"))
         os.makedirs(folder, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
-    return os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default folder")
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default folder")
+    if accelerator is not None:
+        accelerator.print("torch.compile is on: the first step and the first validation compile the blocks "
+                          f"(minutes, once per shape; seconds with a warm cache in {cache}); --compile 0 turns it off")
+    return cache
 
 
 def compile_vae_encoder(args, vae):
@@ -265,8 +279,9 @@ def fused_clip_step(accelerator, args, params, optimizer, loss):
     The loss scale backs off on a non-finite norm, as GradScaler.step + update would, and is left
     alone when the loss itself was not finite (the unfolded path skips before the scaler).
 
-    Returns read_later([loss, 1.0 if the gradients were not finite]), copied before the step is
-    queued: reading it waits for the norm, not for the update.
+    Returns read_later([loss, 1.0 if the gradients were not finite, the gradients' norm (unscaled),
+    the loss scale used]), copied before the step is queued: reading it waits for the norm, not for
+    the update.
     """
     inner = getattr(optimizer, "optimizer", optimizer)
     scaler = loss_scaler(accelerator)
@@ -276,7 +291,7 @@ def fused_clip_step(accelerator, args, params, optimizer, loss):
     bad, skip = ~torch.isfinite(norm), ~torch.isfinite(loss)
     found_inf = (bad | skip).float()
     coef = torch.clamp(args.max_grad_norm / (norm + 1e-6), max=1.0)  # torch's clip_grad_norm_ rule
-    reading = read_later(torch.stack([loss.float(), bad.float()]))
+    reading = read_later(torch.stack([loss.float(), bad.float(), norm, scale.float()]))
     inner.grad_scale, inner.found_inf = scale / coef, found_inf  # the fused AdamW reads both
     try:
         inner.step()
@@ -301,3 +316,43 @@ def read_later(t):
     copied = torch.cuda.Event()
     copied.record()
     return lambda: (copied.synchronize(), host.tolist())[1]
+
+
+# ----------------------------------------------------------------------------- what the run reports about its speed
+class StepClock:
+    """Steps per second, and seconds of each step spent waiting for data: from the end of one
+    micro-batch (or of the last step's checkpoint and validation) to the next batch in hand."""
+
+    def __init__(self):
+        self.mark, self.started, self.waited = time.time(), None, 0.0
+
+    def batch_in_hand(self):
+        now = time.time()
+        self.started, self.waited = self.started or self.mark, self.waited + now - self.mark
+
+    def restart(self):
+        self.mark = time.time()
+
+    def step_logs(self):
+        """{"steps_per_s", "data_wait_s"} of the update just made; the next one starts now."""
+        logs = {"steps_per_s": 1 / max(time.time() - self.started, 1e-9), "data_wait_s": self.waited}
+        self.started, self.waited = None, 0.0
+        return logs
+
+
+
+def report_peak_memory(accelerator):
+    """One line with this process's peak GPU memory (training and validation), where there is a GPU."""
+    if accelerator.device.type == "cuda":
+        gib = 2 ** 30
+        accelerator.print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / gib:.1f} GiB allocated, "
+                          f"{torch.cuda.max_memory_reserved() / gib:.1f} GiB reserved")
+
+
+
+def timed(accelerator, what, fn, *args):
+    """fn(*args), then a log line saying how long it took."""
+    start = time.time()
+    result = fn(*args)
+    accelerator.print(f"{what}: {time.time() - start:.0f} s")
+    return result
