@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from diffueraser.tiny import SD15_TEXT, SD15_UNET, SD15_VAE  # noqa: E402
+from diffueraser.speed import StepGraph, compile_models, resolve_cuda_graph  # noqa: E402
 from diffueraser.trainer import (  # noqa: E402
-    StepGraph, TextEmbedder, compile_models, configure_models, make_optimizer, place_frozen_encoders, resolve_cuda_graph,
-    training_step, update, update_state)
+    TextEmbedder, configure_models, make_optimizer, place_frozen_encoders, training_step, update, update_state)
 
 
 # name -> (stage, options). "baseline" is our step with every speed change off and the

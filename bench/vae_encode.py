@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffueraser.trainer import norms_by_channel, place_frozen_encoders  # noqa: E402
+from diffueraser.speed import norms_by_channel  # noqa: E402
+from diffueraser.trainer import place_frozen_encoders  # noqa: E402
 
 
 def timed(fn, x, reps, warmup=2):

@@ -290,3 +290,47 @@ def read_safetensors(file):
 def unreadable(file, error):
     return (f"{file}: not a readable safetensors file ({error}); it was probably cut short "
             f"({os.path.getsize(file)} bytes): use another checkpoint")
+
+
+# ----------------------------------------------------------------------------- resuming a run
+def frozen_fingerprints(sources):
+    """{name: {"path", "files"}} of the folders the frozen models came from (stage 2: BrushNet)."""
+    return {name: {"path": os.path.abspath(path), "files": fingerprint(path)} for name, path in sources.items()}
+
+
+def resume(accelerator, args, frozen=None):
+    """Restore the state named by --resume_from_checkpoint; returns (step, data position) to continue
+    from: the position as saved, [epoch, batches read in it], or None for a checkpoint without one.
+
+    A checkpoint only holds the trained models: a frozen one is loaded again from its folder, so
+    if that folder changed since the checkpoint was written (stage 2's BrushNet re-converted),
+    the run stops instead of silently pairing the checkpoint with another model.
+    """
+    if not args.resume_from_checkpoint:
+        return 0, None
+    path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if path is None:
+        accelerator.print(f"no checkpoint in {args.output_dir} yet: starting from step 0")
+        return 0, None
+    marker = read_marker(path)
+    saved = marker.get("frozen_sources", {})
+    for name, now in (frozen or {}).items():
+        if name in saved and saved[name]["files"] != now["files"]:
+            raise SystemExit(f"{path} was trained against the frozen {name} in {saved[name]['path']} as it was "
+                             f"then; {now['path']} now holds different weights. Point the run at the "
+                             f"{name} it was trained with, or start a new run (an output_dir without checkpoints).")
+    accelerator.print(f"resuming from {path}")
+    accelerator.load_state(path)
+    step = checkpoint_step(path)
+    in_this_run = os.path.samefile(os.path.dirname(os.path.abspath(path)), args.output_dir)
+    if accelerator.is_main_process and in_this_run:  # an older one of this run: set the newer aside
+        abandon_newer_checkpoints(args.output_dir, step)
+    accelerator.wait_for_everyone()
+    return step, marker.get("data_position")
+
+
+def data_position(saved, step, steps_per_epoch, args, batches_per_epoch):
+    """(epoch, batches of it already read) to go on from: the checkpoint's own record, else (one
+    written before it was kept) derived from the step, which is exact unless updates were skipped."""
+    epoch, read = saved or (step // steps_per_epoch, (step % steps_per_epoch) * args.gradient_accumulation_steps)
+    return (epoch + 1, 0) if read >= batches_per_epoch else (epoch, read)

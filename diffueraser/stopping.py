@@ -40,10 +40,10 @@ class StopRequest:
         _say(f"signal {name}: saving a checkpoint after this step, then exiting")
 
     def agreed(self, accelerator):
-        """True on every process if any process was asked to stop."""
+        """True on every process if any process was asked to stop (accelerate's trigger: a sum
+        over processes); one process reads its own flag, without waiting for the GPU."""
         if accelerator.num_processes == 1:
             return bool(self.requested)
-        import torch
-
-        flag = torch.tensor([float(bool(self.requested))], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        if self.requested:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()

@@ -115,17 +115,15 @@ def save_gif(path, frames_rows, duration=100):
 
 
 def log_to_trackers(trackers, name, strips, step):
-    """Send the first LOGGED_FRAMES strips to tensorboard / wandb trackers; failures only warn."""
+    """Send the first LOGGED_FRAMES strips to the trackers that log images (tensorboard, wandb, ...)
+    through their own log_images; failures only warn."""
+    images = np.stack(strips[:LOGGED_FRAMES])  # (N, R, 3R, 3) uint8
     for tracker in trackers or []:
-        try:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_images(f"validation/{name}", np.stack(strips[:LOGGED_FRAMES]), step,
-                                          dataformats="NHWC")
-            elif tracker.name == "wandb":
-                import wandb
-
-                images = [wandb.Image(s, caption=f"{name} frame {i}") for i, s in enumerate(strips[:LOGGED_FRAMES])]
-                tracker.log({f"validation/{name}": images}, step=step)
+        if not hasattr(tracker, "log_images"):
+            continue
+        try:  # tensorboard's add_images expects NCHW unless told
+            kwargs = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
+            tracker.log_images({f"validation/{name}": images}, step=step, **kwargs)
         except Exception as err:  # logging must never stop training
             warnings.warn(f"validation: logging {name} to {tracker.name} failed: {err!r}")
 

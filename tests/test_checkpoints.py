@@ -41,7 +41,7 @@ def test_data_position_of_a_resume():
     next one's start), else, for a checkpoint without one, derived from the step."""
     from types import SimpleNamespace
 
-    from diffueraser.trainer import data_position
+    from diffueraser.checkpoints import data_position
 
     args = SimpleNamespace(gradient_accumulation_steps=2)
     assert data_position([1, 3], 10, 4, args, 8) == (1, 3)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from diffueraser.tiny import TINY_MOTION_ADAPTER, TINY_UNET, TINY_VAE
-from diffueraser.trainer import compile_blocks, encode_latents, norms_by_channel, place_frozen_encoders
+from diffueraser.speed import compile_blocks, norms_by_channel
+from diffueraser.trainer import encode_latents, place_frozen_encoders
 
 
 def grads_of(block, run):

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler
 
 from diffueraser.tiny import TINY_VAE, tiny_stage_models
-from diffueraser.trainer import StepGraph, denoise, diffusion_inputs, resolve_cuda_graph, training_step
+from diffueraser.speed import StepGraph, resolve_cuda_graph
+from diffueraser.trainer import denoise, diffusion_inputs, training_step
 from tests.test_train_e2e import assets, flags  # noqa: F401 -- the tiny models and data of the end-to-end tests
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -179,7 +180,7 @@ def test_training_loop_with_the_graph_trains_as_without(assets, tmp_path, monkey
     the graph ends with exactly the weights of the same run without it: the batch copies, the
     caption embedding outside the graph and the gradients handed back after each replay are right."""
     import train_DiffuEraser_stage1 as stage1
-    from diffueraser import trainer
+    from diffueraser import speed
     from safetensors.torch import load_file
 
     graphs = []
@@ -188,8 +189,8 @@ def test_training_loop_with_the_graph_trains_as_without(assets, tmp_path, monkey
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             graphs.append(self)
-    monkeypatch.setattr(trainer, "StepGraph", Recorded)
-    monkeypatch.setattr(trainer, "resolve_cuda_graph", lambda choice, args, accelerator: bool(choice))
+    monkeypatch.setattr(speed, "StepGraph", Recorded)
+    monkeypatch.setattr(speed, "resolve_cuda_graph", lambda choice, args, accelerator: bool(choice))
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # bit-exact on CPU, also on a machine with a GPU
     weights = {}
     for graph in (0, 1):

@@ -88,3 +88,26 @@ def test_real_scripts_on_two_processes(assets, tmp_path, stage):  # noqa: F811
     assert ("model_1.safetensors" in files) == (stage == "stage1")  # a frozen BrushNet is never prepared
     assert (out / "unet_main" / "config.json").is_file() and (out / "brushnet" / "config.json").is_file()
     assert "2 process(es)" in proc.stdout + proc.stderr
+
+
+def stop_agreement(out_file):
+    """Only process 1 is asked to stop: both processes must agree to stop, at the same check."""
+    from accelerate import Accelerator
+
+    from diffueraser.stopping import StopRequest
+
+    accelerator = Accelerator()
+    stop = StopRequest.__new__(StopRequest)  # the flag alone: the launcher's threads own the signals
+    stop.requested, stop.training = False, True
+    seen = [stop.agreed(accelerator)]
+    stop.requested = accelerator.process_index == 1
+    seen.append(stop.agreed(accelerator))
+    with open(f"{out_file}.{accelerator.process_index}", "w") as f:
+        f.write(repr(seen))
+
+
+def test_a_stop_on_one_process_stops_every_process(tmp_path):
+    from accelerate import debug_launcher
+
+    debug_launcher(stop_agreement, args=(tmp_path / "seen",), num_processes=2)
+    assert [(tmp_path / f"seen.{rank}").read_text() for rank in (0, 1)] == ["[False, True]"] * 2

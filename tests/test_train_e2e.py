@@ -90,7 +90,7 @@ def test_speed_defaults(stage1_run):
     assert info["compile"] is False and info["cudnn_benchmark"] == 1
     from accelerate.utils import DistributedType
 
-    from diffueraser.trainer import resolve_compile
+    from diffueraser.speed import resolve_compile
 
     def acc(device, kind=DistributedType.NO):
         return SimpleNamespace(device=torch.device(device), distributed_type=kind)
@@ -324,12 +324,18 @@ def test_batch_accumulation_and_precision(assets, tmp_path, extra):
         assert (tmp_path / "logs" / "samples" / f"sample-{step}" / "bear.gif").is_file(), proc.stderr[-3000:]
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert all(info[k] == v for k, v in extra.items()), proc.stdout
-    if extra.get("report_to") == "tensorboard":  # the tracker got loss and lr for every step
+    if extra.get("report_to") == "tensorboard":  # what a user looks at when a run goes wrong, one value per step
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
-        assert {"loss", "lr"} <= set(events.Tags()["scalars"])
-        assert [e.step for e in events.Scalars("loss")] == [1, 2]
+        per_step = ("loss", "lr", "grad_norm", "steps_per_s", "data_wait_s", "skipped_updates", "skipped_clips")
+        for tag in per_step:
+            assert [e.step for e in events.Scalars(tag)] == [1, 2], tag
+        assert "loss_scale" not in events.Tags()["scalars"]  # bf16 has no loss scaler
+        assert all(e.value > 0 for tag in ("grad_norm", "steps_per_s") for e in events.Scalars(tag))
+        assert all(e.value == 0 for tag in ("skipped_updates", "skipped_clips") for e in events.Scalars(tag))
+        assert all(e.value >= 0 for e in events.Scalars("data_wait_s"))
+        assert [e.step for e in events.Images("validation/bear")] == [0, 2]  # through the tracker's log_images
 
 
 def test_bad_paths_are_named(assets, tmp_path):

@@ -6,8 +6,8 @@ import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from diffueraser.trainer import (TextEmbedder, diffusion_inputs, diffusion_loss, encode_latents, half_precision_norms,
-                                 training_step)
+from diffueraser.speed import half_precision_norms
+from diffueraser.trainer import TextEmbedder, diffusion_inputs, diffusion_loss, encode_latents, training_step
 from libs.brushnet_CA import BrushNetModel
 from libs.unet_2d_condition import UNet2DConditionModel
 from libs.unet_motion_model import UNetMotionModel

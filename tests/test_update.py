@@ -6,7 +6,8 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from diffueraser.trainer import folds_clip, fused_clip_step, read_later, update, update_state
+from diffueraser.speed import folds_clip, fused_clip_step, read_later
+from diffueraser.trainer import update, update_state
 
 ARGS = dict(max_grad_norm=1.0, max_bad_steps=3)
 
@@ -55,18 +56,19 @@ def test_folded_clip_matches_unscale_clip_step(loss_scale):
         set_grads(ours, step, float(scale), inf)
         set_grads(ref, step, float(scale), inf)
         before = [p.detach().clone() for p in ours]
-        loss_read = fused_clip_step(accelerator, args, ours, opt_ours, torch.tensor(0.5))()
-        assert loss_read == [0.5, float(inf)]  # the loss and whether the gradients were not finite
+        loss, grads_bad, norm, used_scale = fused_clip_step(accelerator, args, ours, opt_ours, torch.tensor(0.5))()
+        assert [loss, grads_bad, used_scale] == [0.5, float(inf), float(scale)]  # and the gradients were not finite
         if loss_scale:
             scalers[1].unscale_(opt_ref)
-            torch.nn.utils.clip_grad_norm_(ref, ARGS["max_grad_norm"])
+            ref_norm = torch.nn.utils.clip_grad_norm_(ref, ARGS["max_grad_norm"])
+            assert norm == pytest.approx(float(ref_norm), rel=1e-5)  # the unscaled norm, as accelerate's clip returns
             scalers[1].step(opt_ref)
             scalers[1].update()
             assert scalers[0].get_scale() == scalers[1].get_scale()
             assert torch.equal(scalers[0]._growth_tracker, scalers[1]._growth_tracker)
         else:
             if not inf:  # without a scaler nothing skips: leave the reference alone there
-                torch.nn.utils.clip_grad_norm_(ref, ARGS["max_grad_norm"])
+                assert norm == pytest.approx(float(torch.nn.utils.clip_grad_norm_(ref, ARGS["max_grad_norm"])), rel=1e-5)
                 opt_ref.step()
         for a, b in zip(ours, ref):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -113,6 +115,9 @@ def test_update_through_accelerate_with_fold_on_and_off():
     for a, b in zip(weights[0], weights[1]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert logged[1]["step"] == 3 and logged[1]["loss"] == 2.5
+    # the last update's gradient norm, the same read from the folded kernel's inputs as from accelerate's clip
+    assert logged[0]["grad_norm"] > 0.1 and logged[1]["grad_norm"] == pytest.approx(logged[0]["grad_norm"], rel=1e-5)
+    assert logged[0]["loss_scale"] is None and logged[1]["loss_scale"] is None and logged[1]["skipped"] == 0
 
 
 def test_update_skips_a_non_finite_loss():
@@ -160,8 +165,10 @@ def test_folded_update_skips_a_non_finite_loss_and_keeps_the_loss_scale():
     assert update(accelerator, args, state, torch.tensor(0.25), params, opt, SimpleNamespace(step=lambda: None))
     assert scaler.get_scale() == 512.0 and state["bad_steps"] == 0
     assert all(torch.equal(a, b) for a, b in zip(params, before))
+    assert state["skipped"] == 2 and state["loss_scale"] == 1024.0  # ours, then the scaler's; the scale it used
     set_grads(params, 0, float(scale))
     assert update(accelerator, args, state, torch.tensor(0.25), params, opt, SimpleNamespace(step=lambda: None))
+    assert state["skipped"] == 2 and state["loss_scale"] == 512.0 and state["grad_norm"] < 1e3
     assert not any(torch.equal(a, b) for a, b in zip(params, before))
     assert float(opt.state[params[0]]["step"]) == 1
 

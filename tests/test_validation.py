@@ -152,25 +152,20 @@ def test_load_validation_clip_missing_path_names_it(davis, tmp_path, which):
         load_validation_clip(**{**dirs, which: str(tmp_path)}, num_frames=2, resolution=32)
 
 
-class FakeWriter:
-    def __init__(self):
-        self.calls = []
-
-    def add_images(self, tag, images, step, dataformats):
-        self.calls.append((tag, images.shape, step, dataformats))
-
-
 class FakeTensorBoard:
     name = "tensorboard"
 
     def __init__(self):
-        self.writer = FakeWriter()
+        self.calls = []
+
+    def log_images(self, values, step=None, **kwargs):  # accelerate's tracker API
+        self.calls += [(tag, images.shape, step, kwargs) for tag, images in values.items()]
 
 
 class BrokenTracker:
     name = "wandb"
 
-    def log(self, *args, **kwargs):
+    def log_images(self, values, step=None, **kwargs):
         raise RuntimeError("offline")
 
 
@@ -185,7 +180,7 @@ def test_run_validation_writes_gif_and_logs(stage1, tmp_path):
     assert strips.shape == (5, R, 3 * R, 3)
     with Image.open(gif_path) as gif:
         assert gif.n_frames == 5 and gif.size == (3 * R, R) and gif.info["loop"] == 0
-    assert tensorboard.writer.calls == [("validation/bear", (4, R, 3 * R, 3), 7, "NHWC")]
+    assert tensorboard.calls == [("validation/bear", (4, R, 3 * R, 3), 7, {"dataformats": "NHWC"})]
     assert np.all(strips[:, R // 2, R // 2] == 128)  # the hole is grey in the masked input
     assert np.array_equal(strips[:, :, 2 * R:], frames)  # ground truth on the right
 

@@ -1,0 +1,39 @@
+"""The training data: the source scan, the loader and the epoch a loader draws from."""
+import torch
+
+
+def scan_data(args, num_processes=1):
+    """The data scan's verdict before any model loads (dataset.finetune_dataset.DataScan): a
+    missing source, nothing usable or --nframes longer than every video is one line, no traceback."""
+    from dataset.finetune_dataset import DataScan
+
+    try:
+        scan = DataScan(args)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(str(err))
+    if len(scan.entries) < args.train_batch_size * num_processes:
+        raise SystemExit(f"the dataset has {len(scan.entries)} clips, fewer than --train_batch_size "
+                         f"{args.train_batch_size} x {num_processes} process(es)")
+    return scan
+
+
+def make_dataloader(args, tokenizer, scan=None):
+    from dataset.finetune_dataset import FinetuneDataset
+
+    dataset = FinetuneDataset(args, tokenizer, scan)
+    # Its own generator: starting the loader (every epoch without workers, again on resume) would
+    # otherwise draw its workers' base seed from the global RNG, which the training step draws from.
+    # The order is the seedable sampler's, each sample a function of (seed, epoch, index).
+    generator = None if args.seed is None else torch.Generator().manual_seed(args.seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True, generator=generator,
+        num_workers=args.dataloader_num_workers, persistent_workers=args.dataloader_num_workers > 0,
+        pin_memory=torch.cuda.is_available())
+
+
+def start_epoch(dataloader, epoch):
+    """Sampler order and per-sample draws of `epoch`. accelerate's set_epoch tells the dataset only
+    when one process runs with no batches skipped, so the dataset is told here."""
+    dataloader.set_epoch(epoch)
+    if hasattr(dataloader.dataset, "set_epoch"):
+        dataloader.dataset.set_epoch(epoch)
