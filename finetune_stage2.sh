@@ -15,7 +15,8 @@ DAVIS=${DAVIS-data/DAVIS}                      # DAVIS= (empty): not used; then 
 YTBV=${YTBV-data/YTBV}                         # YTBV= (empty): not used
 OUTPUT_DIR=${OUTPUT_DIR:-finetune-stage2}
 MIXED_PRECISION=${MIXED_PRECISION:-fp16}           # bf16 on Ampere+ (no loss scaling needed), no = fp32
-ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}        # e.g. configs/accelerate_multigpu.yaml
+NUM_PROCESSES=${NUM_PROCESSES:-}                # GPUs (accelerate launch --num_processes); empty: the config's, else every GPU
 VAL_IMAGES=${VAL_IMAGES:-"['$DAVIS/JPEGImages/480p/bear', '$DAVIS/JPEGImages/480p/boat']"}
 VAL_MASKS=${VAL_MASKS:-"['$DAVIS/Annotations/480p/bear', '$DAVIS/Annotations/480p/boat']"}
 
@@ -26,7 +27,7 @@ LOG="$OUTPUT_DIR/train_stage2.log"
 echo "logging to $LOG"
 
 # Ctrl-C or `kill <this script>`: the trainer saves a checkpoint and exits cleanly.
-run_logged "$LOG" accelerate launch ${ACCELERATE_CONFIG:+--config_file "$ACCELERATE_CONFIG"} --mixed_precision "$MIXED_PRECISION" \
+run_logged "$LOG" accelerate launch ${ACCELERATE_CONFIG:+--config_file "$ACCELERATE_CONFIG"} ${NUM_PROCESSES:+--num_processes "$NUM_PROCESSES"} --mixed_precision "$MIXED_PRECISION" \
   "$REPO/train_DiffuEraser_stage2.py" \
   --base_model_name_or_path "$BASE_MODEL" \
   --vae_path "$VAE" \

@@ -9,7 +9,7 @@ encoder, motion adapter v1-5-2 layout), then for each configuration runs the pro
 prints median/min/max s per step, peak allocated/reserved GiB, TFLOP per step (FlopCounterMode),
 achieved TFLOP/s and the fraction of the matmul peak measured in the same run.
 
-On the device (no diffusers there), bring the wheels: see train.md, "Benchmarks".
+On the device (no diffusers there), bring the wheels: see bench/RESULTS.md, "Measuring on the device".
 """
 import argparse
 import gc

@@ -2,7 +2,7 @@
 sample seek to the clip and decode only what it needs.
 
 Why PyAV (measured with bench/data_bench.py on a 2-core CPU, one thread, 22 frames at 512 from
-1080p30 H.264 at stride 2; numbers in train.md): PyAV gives the decoded frame's YUV planes without
+1080p30 H.264 at stride 2; numbers in bench/RESULTS.md): PyAV gives the decoded frame's YUV planes without
 a copy, so the centre square is cut and resized in YUV and converted to RGB only at R x R; it can
 skip frames nothing refers to before and inside the clip (`skip_frame`); and it reports the pixel
 format, colour space and rotation. OpenCV's FFmpeg backend (`cv2.VideoCapture`, already a

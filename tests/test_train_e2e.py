@@ -355,6 +355,24 @@ def test_shell_scripts_name_missing_paths(script, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing started
 
 
+@pytest.mark.parametrize("script,config", [("finetune_stage1.sh", "configs/accelerate_multigpu.yaml"),
+                                           ("finetune_stage2.sh", "configs/deepspeed_zero2.yaml")])
+def test_shell_scripts_pass_config_and_gpu_count_to_the_launcher(script, config, tmp_path):
+    """NUM_PROCESSES=N and ACCELERATE_CONFIG (train.md, "Several GPUs") reach `accelerate launch`."""
+    fake = tmp_path / "bin" / "accelerate"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "args"}\n')
+    fake.chmod(0o755)
+    for folder in ("sd", "vae", "adapter", "stage1"):
+        (tmp_path / folder).mkdir()
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "BASE_MODEL": str(tmp_path / "sd"),
+           "VAE": str(tmp_path / "vae"), "MOTION_ADAPTER": str(tmp_path / "adapter"), "STAGE1": str(tmp_path / "stage1"),
+           "DAVIS": "", "YTBV": "", "OUTPUT_DIR": str(tmp_path / "out"), "ACCELERATE_CONFIG": config, "NUM_PROCESSES": "3"}
+    proc = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "args").read_text().startswith(f"launch --config_file {config} --num_processes 3 ")
+
+
 def test_stage1_starts_from_a_converted_folder(assets, stage1_run, tmp_path):
     src = stage1_run["out"]
     run("train_DiffuEraser_stage1.py", [*flags(assets, tmp_path, 1, learning_rate=0, adam_weight_decay=0),
