@@ -129,7 +129,7 @@ def use_compile_cache(args, accelerator=None):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
     cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default folder")
     if accelerator is not None:
-        accelerator.print("torch.compile is on: the first step and the first validation compile the blocks "
+        accelerator.print("torch.compile is on: the first step compiles the blocks (validation stays eager) "
                           f"(minutes, once per shape; seconds with a warm cache in {cache}); --compile 0 turns it off")
     return cache
 

@@ -345,7 +345,7 @@ def train(args, stage):
                     disable=not accelerator.is_local_main_process)
     models = (unet, brushnet, vae, text_encoder, tokenizer, noise_scheduler)
     if validate and global_step == 0:
-        speed.timed(accelerator, "validation at step 0 (compiling included)", validate, accelerator, models, 0)
+        speed.timed(accelerator, "validation at step 0", validate, accelerator, models, 0)
     state = update_state(global_step)
     epoch, skip = data_position(saved_position, global_step, steps_per_epoch, args, len(dataloader))
     trained = [m for m in (unet, brushnet) if is_trained(m)]
