@@ -16,6 +16,7 @@ import os
 import time
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
@@ -246,8 +247,9 @@ class Scorer:
             out["psnr"].append(m.psnr(g, c))
             out["psnr_hole"].append(m.masked_psnr(g, c, h))
             try:
-                out["ssim"].append(m.ssim(g, c))
-                out["ssim_hole"].append(m.masked_ssim(g, c, h))
+                values = m.ssim_map(g, c)  # one map for both SSIMs
+                out["ssim"].append(float(values.mean()))
+                out["ssim_hole"].append(m.hole_mean(values, h))
             except ValueError:
                 self.note_once("SSIM skipped: frames under 65 px")
                 out["ssim"].append(math.nan)
@@ -298,22 +300,32 @@ def run_evaluation(args, stage):
     progress = tqdm(total=total * len(pipes), desc=f"evaluate {stage}", unit="clip")
     per_video, frames_scores, acts = {}, {n: {k: [] for k in METRICS} for n in pipes}, {"gt": []}
     sampling_time, gifs = 0.0, []
-    for video, folder in videos:  # one video in memory at a time
-        frames, files = load_frames(folder, args)
-        holes = video_holes(args, video, frames, files)
-        video_start, results = time.time(), {}
-        for name, pipe in pipes.items():
-            raw = sample_video(pipe, frames, holes, args.nframes, args.overlap, args.seed, video, args.steps,
-                               on_window=lambda k: progress.update(1), prompt=args.prompt,
-                               guidance_scale=args.guidance_scale)
-            results[name] = composite(frames, raw, holes, args.blur)
-        seconds = time.time() - video_start
-        sampling_time += seconds
+
+    def finish_video(video, frames, holes, results, seconds):  # GIF and scores: CPU work beside the next sampling
         gifs.append(write_gif(args.output_dir, video, frames, holes, results))
         per_video[video] = {"frames": len(frames), "seconds": seconds}
         if scorer:
             per_video[video].update(score_video(scorer, frames, holes, results, frames_scores, acts))
         tqdm.write(f"{video}: {len(frames)} frames, {seconds:.1f} s ({seconds / len(pipes):.1f} s per weight set)")
+
+    pending = None
+    with ThreadPoolExecutor(max_workers=1) as worker:  # one worker: videos finish in order, two in memory at most
+        for video, folder in videos:
+            frames, files = load_frames(folder, args)
+            holes = video_holes(args, video, frames, files)
+            video_start, results = time.time(), {}
+            for name, pipe in pipes.items():
+                raw = sample_video(pipe, frames, holes, args.nframes, args.overlap, args.seed, video, args.steps,
+                                   on_window=lambda k: progress.update(1), prompt=args.prompt,
+                                   guidance_scale=args.guidance_scale)
+                results[name] = composite(frames, raw, holes, args.blur)
+            seconds = time.time() - video_start
+            sampling_time += seconds
+            if pending:
+                pending.result()  # raises what the previous video's scoring raised
+            pending = worker.submit(finish_video, video, frames, holes, results, seconds)
+        if pending:
+            pending.result()
     progress.close()
     results = summarize(args, stage, device, dtype, per_video, frames_scores, acts, scorer, frames.shape[1:3])
     results["timing"] = dict(total_s=time.time() - start_time, sampling_s=sampling_time, clips_per_weight_set=total,

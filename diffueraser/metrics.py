@@ -98,10 +98,13 @@ def masked_ssim(gt, pred, hole):
     pixels that are window centres of the whole-frame SSIM, i.e. at least 32 px from every border
     (each such value still looks at the 65 x 65 neighbourhood, hole edge included). nan when no
     hole pixel lies there."""
-    values = ssim_map(gt, pred)
-    hole = _check_hole(hole, np.shape(gt))
+    return hole_mean(ssim_map(gt, pred), _check_hole(hole, np.shape(gt)))
+
+
+def hole_mean(values, hole):
+    """Mean of an `ssim_map` over the hole pixels it covers (see `masked_ssim`); nan if none."""
     r = SSIM_WIN // 2
-    inside = hole[r:hole.shape[0] - r, r:hole.shape[1] - r]
+    inside = np.asarray(hole, dtype=bool)[r:hole.shape[0] - r, r:hole.shape[1] - r]
     return float(values[inside].mean()) if inside.any() else math.nan
 
 
