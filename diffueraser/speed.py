@@ -91,6 +91,16 @@ class StepGraph:
             p.grad = g
         return self.loss
 
+    def release(self):
+        """Drop the captured graph and its private memory pool (validation ran out of memory beside
+        it); the next call captures again, without warm-up (kernels and loss scale are settled)."""
+        if self.graph is None:
+            return
+        for p in self.params:
+            p.grad = None
+        self.graph = self.static = self.grads = self.loss = None
+        self.calls = self.warmup
+
     def load(self, batch):
         for key, buffer in self.static.items():
             if batch[key].shape != buffer.shape or batch[key].dtype != buffer.dtype:

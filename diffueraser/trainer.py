@@ -28,7 +28,7 @@ from diffueraser import speed
 from diffueraser.checkpoints import data_position, frozen_fingerprints, resume, save_checkpoint, warn_if_low_disk
 from diffueraser.data import make_dataloader, scan_data, start_epoch
 from diffueraser.stopping import StopRequest
-from diffueraser.validation import Validator
+from diffueraser.validation import Validator, free_cached_memory
 
 logger = get_logger("diffueraser")
 START = time.time()  # when the process imported the trainer: "first step after N s" counts from here
@@ -356,6 +356,8 @@ def train(args, stage):
         accelerator.backward(loss)
         return loss
     step_fn = speed.graphed(forward_backward, params, accelerator) if args.cuda_graph else forward_backward
+    if validate and args.cuda_graph:  # out of memory, validation frees the graph's pool and tries again
+        validate.free_memory = lambda: (step_fn.release(), free_cached_memory())
 
     def checkpoint(step):
         start = time.time()

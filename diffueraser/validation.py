@@ -4,6 +4,7 @@ Conventions: frames uint8 (F, R, R, 3); masks float32 (F, R, R) with hole = 0, k
 A GIF frame is [masked input | result | ground truth] side by side, the hole shown in grey.
 """
 import ast
+import gc
 import os
 import warnings
 
@@ -173,7 +174,7 @@ class Validator:
     """Runs the stage's sampler on the validation clips and writes GIFs; never stops training."""
 
     def __init__(self, args, stage):
-        self.args, self.stage, self.clips = args, stage, []
+        self.args, self.stage, self.clips, self.free_memory = args, stage, [], None
         images = parse_path_list(args.validation_image) if args.validation_image else []
         masks = parse_path_list(args.validation_mask) if args.validation_mask else []
         if len(images) != len(masks):
@@ -190,8 +191,23 @@ class Validator:
                 logger.warning(f"validation clip {image_dir}: {e}; skipped")
 
     def __call__(self, accelerator, models, step):
+        """Validate; out of GPU memory, free what `free_memory` frees (the trainer sets it: the CUDA
+        graph's pool and the allocator's cache) and try once more. True when the GIFs were written."""
+        error = self.run(accelerator, models, step)
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            error = None  # the traceback holds the failed attempt's tensors
+            logger.warning(f"validation at step {step} ran out of GPU memory: freeing the CUDA graph's pool and "
+                           "cached blocks (the graph is captured again at the next step), trying once more")
+            (self.free_memory or free_cached_memory)()
+            error = self.run(accelerator, models, step)
+        if error is not None:
+            logger.error(f"validation at step {step} failed: {type(error).__name__}: {error}; training goes on")
+        return error is None
+
+    def run(self, accelerator, models, step):
+        """One validation; the exception it raised, or None."""
         if not self.clips or self.stage.pipeline_cls is None:
-            return
+            return None
         unet, brushnet, vae, text_encoder, tokenizer, scheduler = models
         unet, brushnet = accelerator.unwrap_model(unet), accelerator.unwrap_model(brushnet)
         modes = [(m, m.training) for m in (unet, brushnet)]
@@ -206,11 +222,19 @@ class Validator:
             with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
                 run_validation(pipe, clips, out_dir, step, seed=self.args.seed or 0, trackers=accelerator.trackers,
                                num_inference_steps=self.args.validation_inference_steps)
+            return None
         except Exception as e:
-            logger.error(f"validation at step {step} failed: {type(e).__name__}: {e}; training goes on")
+            e.__traceback__ = None  # let the failed attempt's tensors go
+            return e
         finally:
             for m, was_training in modes:
                 m.train(was_training)
+
+
+def free_cached_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _prompts(spec, n):

@@ -9,6 +9,7 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from diffueraser.tiny import TINY_VAE, tiny_stage_models
 from diffueraser.speed import StepGraph, resolve_cuda_graph
 from diffueraser.trainer import denoise, diffusion_inputs, training_step
+from diffueraser.validation import free_cached_memory
 from tests.test_train_e2e import assets, flags  # noqa: F401 -- the tiny models and data of the end-to-end tests
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -46,6 +47,8 @@ class RecordedGraph(StepGraph):
     buffers and writes the loss and gradients into the captured tensors, as a real replay does."""
 
     def new_graph(self):
+        self.captures = getattr(self, "captures", 0) + 1
+
         def replay():
             for p in self.params:
                 p.grad = None
@@ -55,7 +58,7 @@ class RecordedGraph(StepGraph):
                     g.copy_(p.grad)
                 p.grad = None  # a replay writes into the captured tensors, never sets .grad
             self.replays += 1
-        self.replays = 0
+        self.replays = getattr(self, "replays", 0)
         return SimpleNamespace(replay=replay)
 
     def capturing(self, graph):
@@ -136,7 +139,8 @@ def test_replayed_step_matches_eager_step(stage):
 @gpu
 def test_graphed_training_step_trains():
     """The real step through accelerate (fp16, loss scaler, clip, fused AdamW): replays draw new
-    noise every time, the loss stays finite and the weights move."""
+    noise every time, the loss stays finite and the weights move; a released graph (validation out
+    of memory) gives its pool back and the next step captures anew."""
     from accelerate import Accelerator
 
     from diffueraser.trainer import TextEmbedder, make_optimizer, update, update_state
@@ -165,12 +169,17 @@ def test_graphed_training_step_trains():
     graph = StepGraph(forward_backward, params, warmup=2)
     state = update_state()
     losses, before = [], [p.detach().clone() for p in params]
-    for _ in range(6):
+    for i in range(8):
+        if i == 6:
+            reserved = torch.cuda.memory_reserved()
+            graph.release()
+            free_cached_memory()
+            assert graph.graph is None and torch.cuda.memory_reserved() < reserved
         loss = graph(batch)
         losses.append(loss.item())
         update(accelerator, args, state, loss, params, optimizer, SimpleNamespace(step=lambda: None))
     assert graph.graph is not None and all(torch.isfinite(torch.tensor(losses)))
-    assert len(set(losses[2:])) == 4  # the same batch, new noise and timesteps at every replay
+    assert len(set(losses[2:])) == 6  # the same batch, new noise and timesteps at every replay
     assert state["step"] >= 2  # updates made (the first fp16 steps may skip while the loss scale settles)
     assert any(not torch.equal(a, p) for a, p in zip(before, params))
 
@@ -178,28 +187,40 @@ def test_graphed_training_step_trains():
 def test_training_loop_with_the_graph_trains_as_without(assets, tmp_path, monkeypatch):
     """The real stage-1 loop (6 steps; step 4 captures, 5-6 replay) with the recorded stand-in for
     the graph ends with exactly the weights of the same run without it: the batch copies, the
-    caption embedding outside the graph and the gradients handed back after each replay are right."""
+    caption embedding outside the graph and the gradients handed back after each replay are right.
+    The validation at step 5 runs out of memory once: the graph is released, validation runs again,
+    and step 6 captures anew."""
     import train_DiffuEraser_stage1 as stage1
-    from diffueraser import speed
+    from diffueraser import speed, validation
     from safetensors.torch import load_file
 
-    graphs = []
+    graphs, validations = [], []
 
     class Recorded(RecordedGraph):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             graphs.append(self)
+
+    def run_validation(pipe, clips, out_dir, step, **kw):
+        validations.append(step)
+        if validations.count(5) == 1 and step == 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test)")
     monkeypatch.setattr(speed, "StepGraph", Recorded)
     monkeypatch.setattr(speed, "resolve_cuda_graph", lambda choice, args, accelerator: bool(choice))
+    monkeypatch.setattr(validation, "run_validation", run_validation)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # bit-exact on CPU, also on a machine with a GPU
+    clip = assets / "DAVIS" / "JPEGImages" / "480p" / "bear"
     weights = {}
     for graph in (0, 1):
         out = tmp_path / f"graph{graph}"
+        validations.clear()
         stage1.main([str(a) for a in flags(assets, out, 6, checkpointing_steps=3, cuda_graph=graph, compile=0,
-                                           dataloader_num_workers=0)])
+                                           dataloader_num_workers=0, validation_steps=5, validation_image=clip,
+                                           validation_mask=str(clip).replace("JPEGImages", "Annotations"))])
+        assert validations == [0, 5, 5, 6]  # step 5 twice: out of memory, then again after freeing
         weights[graph] = {name: load_file(str(next((out / name).glob("*.safetensors"))))
                           for name in ("unet_main", "brushnet")}
-    assert len(graphs) == 1 and graphs[0].replays == 3
+    assert len(graphs) == 1 and graphs[0].captures == 2 and graphs[0].replays == 3
     for name in ("unet_main", "brushnet"):
         assert weights[0][name].keys() == weights[1][name].keys()
         for key, value in weights[0][name].items():
