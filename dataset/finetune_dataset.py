@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dataset.latent_cache import read_moments
 from dataset.sources import check_scans, describe_scan, scan_sources
 from dataset.utils import GeneratorDraws, random_mask_frames
 from dataset.video import DECODE_ERRORS, read_clip
@@ -126,7 +127,8 @@ def tokenize(tokenizer, caption):
 class FinetuneDataset(torch.utils.data.Dataset):
     """Clips of `nframes` frames with a fresh random mask each.
 
-    Returns dict: `pixel_values` (F, 3, R, R) float32 in [-1, 1]; `conditioning_pixel_values`
+    Returns dict: `pixel_values` (F, 3, R, R) float32 in [-1, 1] (with `--latent_cache`, instead
+    `latent_moments` (F, 8, R/8, R/8) float16: see dataset/latent_cache.py); `conditioning_pixel_values`
     (F, 3, R, R), the frames with the hole set to -1 (black); `masks` (F, 1, R, R) float32,
     hole = 0, kept = 1; `input_ids` (77,) long, the caption (the video's CSV caption, else
     `--caption`, "clean background"), empty with probability `proportion_empty_prompts`.
@@ -269,12 +271,17 @@ class FinetuneDataset(torch.utils.data.Dataset):
         planes = to_planes(frames)  # (F, 3, R, R) RGB
         masked = np.bitwise_and(planes, kept)  # hole -> 0, i.e. -1 after the lookup
         caption = self.caption_ids if video.caption is None else self.tokenize(video.caption)
-        return {
-            "pixel_values": lookup(planes, SIGNED_UNIT),
+        sample = {
             "conditioning_pixel_values": lookup(masked, SIGNED_UNIT),
             "masks": lookup(kept, KEPT_UNIT),
             "input_ids": (self.empty_ids if empty_prompt else caption).clone(),
         }
+        if video.latents is None:
+            sample["pixel_values"] = lookup(planes, SIGNED_UNIT)
+        else:  # --latent_cache: the clean frames' VAE moments instead of their pixels
+            moments = read_moments(video, start, f, video.stride)
+            sample["latent_moments"] = moments.flip(0) if reverse else moments
+        return sample
 
 
 def preview_strip(sample, tile):

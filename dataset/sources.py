@@ -26,6 +26,7 @@ class Video:
     path: str = None  # the video file (video source)
     info: object = None  # its dataset.video.VideoInfo
     caption: str = None  # None: the run's --caption
+    latents: str = None  # its --latent_cache file (dataset/latent_cache.py)
 
 
 @dataclass

@@ -111,6 +111,12 @@ def add_speed_args(parser):
                    help="Let cuDNN pick the fastest convolution kernels for the fixed clip shape.")
     g.add_argument("--vae_batch_size", type=int, default=0,
                    help="Frames per VAE encode call (0 = all frames and masked frames in one call).")
+    g.add_argument("--memory_cap_gib", type=float, default=None,
+                   help="Hold at most this much GPU memory per process, as on a smaller card (to try a setting "
+                        "for a 24 or 48 GB card on a larger one).")
+    g.add_argument("--latent_cache", type=str, default=None, metavar="DIR",
+                   help="Keep the clean frames' VAE moments in DIR (computed once, ~65 KB a frame at 512) and draw "
+                        "their latents from them: only the masked frames are encoded per step. Frame folders only.")
     g.add_argument("--fused_adam", type=int, default=1, choices=[0, 1], help="Fused AdamW kernel on CUDA.")
     g.add_argument("--fold_clip", type=int, default=1, choices=[0, 1],
                    help="With the fused AdamW: unscale and clip the gradients inside its kernel (one pass over "

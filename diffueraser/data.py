@@ -1,4 +1,6 @@
 """The training data: the source scan, the loader and the epoch a loader draws from."""
+import time
+
 import torch
 
 
@@ -37,3 +39,18 @@ def start_epoch(dataloader, epoch):
     dataloader.set_epoch(epoch)
     if hasattr(dataloader.dataset, "set_epoch"):
         dataloader.dataset.set_epoch(epoch)
+
+
+def use_latent_cache(args, accelerator, dataset, vae):
+    """--latent_cache: the main process encodes the clean frames of videos not yet cached (once;
+    progress bar), then every process's loader reads their moments (dataset/latent_cache.py)."""
+    from dataset.latent_cache import LatentCache
+
+    if not args.latent_cache:
+        return
+    cache = LatentCache(args.latent_cache, args.resolution, vae).attach(dataset.entries)
+    if accelerator.is_main_process:
+        start, count = time.time(), cache.build(dataset.entries, vae, accelerator.is_local_main_process)
+        accelerator.print(f"latent cache {cache.dir}: {count} videos encoded in {time.time() - start:.0f} s, "
+                          f"{len(set(v.latents for v in dataset.entries)) - count} read")
+    accelerator.wait_for_everyone()

@@ -24,9 +24,10 @@ from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
+from dataset.latent_cache import sample_latents
 from diffueraser import speed
 from diffueraser.checkpoints import data_position, frozen_fingerprints, resume, save_checkpoint, warn_if_low_disk
-from diffueraser.data import make_dataloader, scan_data, start_epoch
+from diffueraser.data import make_dataloader, scan_data, start_epoch, use_latent_cache
 from diffueraser.stopping import StopRequest
 from diffueraser.validation import Validator, free_cached_memory
 
@@ -38,8 +39,7 @@ class Stage:
     """What a training stage is made of.
 
     build_models(args) -> (unet, brushnet) with `requires_grad` already set on what trains.
-    pipeline_cls: the validation sampler class, built as pipeline_cls(vae=, text_encoder=,
-    tokenizer=, unet=, brushnet=, scheduler=).
+    pipeline_cls: the validation sampler, called with vae=, text_encoder=, tokenizer=, unet=, brushnet=, scheduler=.
     frozen_sources(args) -> {"brushnet": folder}: where a frozen model was loaded from; the final
     folder is a copy of it (the model itself runs in half precision).
     """
@@ -63,18 +63,8 @@ def make_accelerator(args):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
     if args.seed is not None:
         set_seed(args.seed + accelerator.process_index)
-    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)  # clip shapes never change within a run
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    speed.configure_cuda(args, accelerator)
     return accelerator
-
-def find_vae_folder(path):
-    """The VAE folder: `path` itself or its `vae/` subfolder, whichever holds a config.json."""
-    for candidate in (path, os.path.join(path, "vae")):
-        if os.path.isfile(os.path.join(candidate, "config.json")):
-            return candidate
-    raise FileNotFoundError(f"--vae_path: {path} has no config.json (nor vae/config.json)")
 
 def load_frozen_models(args):
     """Tokenizer, text encoder, VAE and the training noise scheduler."""
@@ -86,7 +76,11 @@ def load_frozen_models(args):
                                               revision=args.revision)
     text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=args.revision,
                                                  variant=args.variant)
-    vae = AutoencoderKL.from_pretrained(find_vae_folder(args.vae_path or base), revision=args.revision)
+    vae_root = args.vae_path or base  # the VAE folder itself or a folder with vae/ in it
+    vae_dir = next((d for d in (vae_root, os.path.join(vae_root, "vae")) if os.path.isfile(f"{d}/config.json")), None)
+    if vae_dir is None:
+        raise FileNotFoundError(f"--vae_path: {vae_root} has no config.json (nor vae/config.json)")
+    vae = AutoencoderKL.from_pretrained(vae_dir, revision=args.revision)
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
     for m in (text_encoder, vae):
         m.requires_grad_(False).eval()
@@ -100,8 +94,7 @@ class TextEmbedder:
     after the first step this costs nothing)."""
 
     def __init__(self, text_encoder):
-        self.text_encoder = text_encoder
-        self.cache = {}
+        self.text_encoder, self.cache = text_encoder, {}
 
     @torch.no_grad()
     def __call__(self, input_ids):  # (B, 77) -> (B, 77, D)
@@ -185,16 +178,20 @@ def prepare(accelerator, args, stage, tokenizer, scan=None):
 
 # ----------------------------------------------------------------------------- the step
 @torch.no_grad()
-def encode_latents(vae, pixel_values, conditioning_pixel_values, chunk=0):
-    """VAE latents of frames and masked frames in one pass.
+def encode_latents(vae, pixel_values, conditioning_pixel_values, chunk=0, moments=None):
+    """VAE latents of frames and masked frames in one pass; with `moments` (B, F, 8, h, w) from the
+    --latent_cache, the frames' latents are drawn from them and only the masked frames are encoded.
 
     pixel_values, conditioning_pixel_values: (B, F, 3, H, W) in [-1, 1].
     Returns two (B*F, 4, H/8, W/8) tensors, scaled by the VAE's scaling factor.
     """
-    b, f = pixel_values.shape[:2]
-    x = torch.cat([pixel_values, conditioning_pixel_values]).flatten(0, 1).to(vae.device, vae.dtype)
+    b, f = conditioning_pixel_values.shape[:2]
+    frames = [conditioning_pixel_values] if moments is not None else [pixel_values, conditioning_pixel_values]
+    x = torch.cat(frames).flatten(0, 1).to(vae.device, vae.dtype)
     chunks = x.split(chunk) if chunk else (x,)
     latents = torch.cat([vae.encode(c).latent_dist.sample() for c in chunks]) * vae.config.scaling_factor
+    if moments is not None:
+        return sample_latents(moments.flatten(0, 1).to(vae.device), vae.config.scaling_factor, vae.dtype), latents
     return latents[: b * f], latents[b * f:]
 
 def diffusion_inputs(noise_scheduler, latents, conditioning_latents, masks, noise, timesteps, num_frames):
@@ -237,9 +234,9 @@ def diffusion_loss(unet, brushnet, noise_scheduler, latents, conditioning_latent
 
 def training_step(batch, unet, brushnet, vae, embed_text, noise_scheduler, weight_dtype, vae_batch_size=0):
     """Loss of one batch of clips (the same function the scripts and the bench use)."""
-    b, f = batch["pixel_values"].shape[:2]
-    latents, conditioning_latents = encode_latents(vae, batch["pixel_values"], batch["conditioning_pixel_values"],
-                                                   vae_batch_size)  # (B*F, 4, h, w) each
+    b, f = batch["conditioning_pixel_values"].shape[:2]
+    latents, conditioning_latents = encode_latents(vae, batch.get("pixel_values"), batch["conditioning_pixel_values"],
+                                                   vae_batch_size, batch.get("latent_moments"))  # (B*F, 4, h, w)
     latents, conditioning_latents = latents.to(weight_dtype), conditioning_latents.to(weight_dtype)
     masks = batch["masks"].flatten(0, 1).to(latents.device)  # (B*F, 1, H, W)
     noise = torch.randn_like(latents)
@@ -306,8 +303,8 @@ def update(accelerator, args, state, loss, params, optimizer, lr_scheduler):
         logger.warning(f"step {state['step']}: non-finite loss or gradients; update skipped")
         if state["bad_steps"] >= args.max_bad_steps:
             raise SystemExit(f"{state['bad_steps']} skipped updates (non-finite loss or gradients) in a row at step "
-                             f"{state['step']}: lower "
-                             "--learning_rate, try --mixed_precision bf16 or no, or resume from an earlier checkpoint")
+                             f"{state['step']}: lower --learning_rate, try --mixed_precision bf16 or no, or resume "
+                             "from an earlier checkpoint")
         return False
     state.update(bad_steps=0, step=state["step"] + 1, loss=sum(losses) / len(losses))
     return True
@@ -328,6 +325,7 @@ def train(args, stage):
     place_frozen_encoders(args, vae, text_encoder, accelerator.device, weight_dtype)
     unet, brushnet, optimizer, dataloader, lr_scheduler, steps_per_epoch, params = prepare(
         accelerator, args, stage, tokenizer, scan)
+    use_latent_cache(args, accelerator, dataloader.dataset, vae)  # with --latent_cache
     if accelerator.is_main_process:
         warn_if_low_disk(args.output_dir, (unet, brushnet))
         accelerator.init_trackers(args.tracker_project_name,
@@ -376,8 +374,7 @@ def train(args, stage):
         for batch in batches:
             clock.batch_in_hand()
             position[1] += 1
-            # the caption's embedding outside any graph: its cache looks the ids up on the host
-            batch = dict(batch, text_embeds=embed_text(batch["input_ids"]))
+            batch = dict(batch, text_embeds=embed_text(batch["input_ids"]))  # outside the graph: host-side cache
             with accelerator.accumulate(*trained):
                 loss = step_fn(batch)
                 made = update(accelerator, args, state, loss, params, optimizer, lr_scheduler)

@@ -1,0 +1,111 @@
+"""Cached VAE posteriors of the clean training frames (`--latent_cache DIR`).
+
+A clean frame's square (centre crop, resize: no randomness) always encodes to the same Gaussian,
+so its mean and standard deviation are computed once and kept on disk; a step then samples
+`mean + std * noise` with fresh noise, the distribution a new encoding samples from, and only the
+masked frames still go through the VAE encoder. One file per video folder,
+`DIR/<resolution>px-vae<hash>/<hash>.npy`: float16 (frames, 8, R/8, R/8), the 4 mean channels
+then the 4 std channels, memory-mapped by the loader. The folder's hash covers the VAE's config,
+weights and dtype; a file's hash covers each frame's path, size and modification time, so a
+changed frame, resolution or VAE gives a new file (old ones are never read again: delete freely).
+Frame folders only (DAVIS, YouTube-VOS, --frames_root): video files are not cached.
+"""
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+BATCH = 16  # frames per encoder call while building
+
+
+def vae_hash(vae):
+    """Hex digest of the VAE's config, weights and dtype."""
+    h = hashlib.sha1(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def frames_hash(paths, resolution):
+    """Hex digest of a frame folder's paths, sizes and modification times (and the resolution)."""
+    h = hashlib.sha1(str(resolution).encode())
+    for path in paths:
+        st = os.stat(path)
+        h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+class LatentCache:
+    """The cache folder of one VAE and resolution."""
+
+    def __init__(self, root, resolution, vae):
+        self.resolution = int(resolution)
+        self.dir = os.path.join(root, f"{self.resolution}px-vae{vae_hash(vae)[:16]}")
+
+    def attach(self, videos):
+        """Set each video's `latents` (its file; the loader reads it); SystemExit naming a video
+        that is a file rather than a frame folder."""
+        for video in videos:
+            if video.frames is None:
+                raise SystemExit(f"--latent_cache covers frame folders only; {video.source} video {video.name} is "
+                                 f"a file ({video.path}): extract its frames (--frames_root) or drop --latent_cache")
+            if video.latents is None:
+                video.latents = os.path.join(self.dir, frames_hash(video.frames, self.resolution) + ".npy")
+        return self
+
+    @staticmethod
+    def missing(videos):
+        return list({v.latents: v for v in videos if not os.path.exists(v.latents)}.values())
+
+    @torch.no_grad()
+    def build(self, videos, vae, show=True):
+        """Encode the frames of every video whose file is missing; returns how many were encoded."""
+        from dataset.finetune_dataset import SIGNED_UNIT, lookup, read_square, reduction, to_planes
+        from PIL import Image
+
+        todo = self.missing(videos)
+        os.makedirs(self.dir, exist_ok=True)
+        r = self.resolution
+        bar = tqdm(total=sum(len(v.frames) for v in todo), desc="latent cache", unit="frame", disable=not show)
+
+        def read(video, paths):
+            with Image.open(video.frames[0]) as first:
+                reduce = reduction(*first.size, r)  # as the loader reads them
+            frames = np.empty((len(paths), r, r, 3), np.uint8)
+            for i, path in enumerate(paths):
+                read_square(path, r, reduce, frames[i])
+            return lookup(to_planes(frames), SIGNED_UNIT)
+
+        with ThreadPoolExecutor(4) as pool, torch.compiler.set_stance("force_eager"):
+            for video in todo:
+                batches = [video.frames[i:i + BATCH] for i in range(0, len(video.frames), BATCH)]
+                moments = []
+                for x in pool.map(lambda paths: read(video, paths), batches):
+                    dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
+                    moments.append(torch.cat([dist.mean, dist.std], dim=1).to(torch.float16).cpu())
+                    bar.update(len(x))
+                path = video.latents
+                with open(path + ".partial", "wb") as f:  # renamed when whole: a killed build leaves no file
+                    np.save(f, torch.cat(moments).numpy())
+                os.replace(path + ".partial", path)
+        bar.close()
+        return len(todo)
+
+
+def read_moments(video, start, count, stride):
+    """float16 (count, 8, R/8, R/8): the cached moments of frames start, start + stride, ... of a
+    video (memory-mapped: only those frames are read)."""
+    table = np.load(video.latents, mmap_mode="r")
+    return torch.from_numpy(np.array(table[start:start + (count - 1) * stride + 1:stride]))  # a copy: writable
+
+
+def sample_latents(moments, scaling_factor, dtype):
+    """Latents drawn from cached moments (N, 8, h, w): (mean + std * noise) * scaling_factor, in `dtype`."""
+    mean, std = moments.to(dtype).chunk(2, dim=1)
+    return (mean + std * torch.randn_like(mean)) * scaling_factor

@@ -1,0 +1,70 @@
+"""--latent_cache: the cached moments are the encoder's, a sample is the same clip with or without
+the cache, latents drawn from the moments follow the encoder's distribution, a changed frame
+re-encodes its video only, and a training run builds and uses the cache."""
+import os
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from dataset.finetune_dataset import FinetuneDataset
+from dataset.latent_cache import LatentCache, sample_latents
+from diffueraser.trainer import encode_latents
+from diffueraser.tiny import TINY_VAE
+from tests.test_dataset import make_args
+from tests.test_train_e2e import assets, flags  # noqa: F401 -- the tiny models and data of the end-to-end tests
+
+
+def test_cached_moments_are_the_encoders_and_drawn_latents_follow_them(assets, tokenizer, tmp_path):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**TINY_VAE).eval()
+    args = make_args(davis_root=assets / "DAVIS", ytvos_root=assets / "YTVOS", nframes=4, resolution=32)
+    plain, cached = FinetuneDataset(args, tokenizer), FinetuneDataset(args, tokenizer)
+    cache = LatentCache(tmp_path / "cache", 32, vae).attach(cached.entries)
+    assert cache.build(cached.entries, vae, show=False) == 4  # 2 DAVIS (x10 entries) + 2 YouTube-VOS videos
+    for index in (0, 3, 20, 21):  # the same seed: the same clip, frames, reversal and mask
+        a, b = plain[index], cached[index]
+        assert "pixel_values" not in b and b["latent_moments"].dtype == torch.float16
+        assert torch.equal(a["conditioning_pixel_values"], b["conditioning_pixel_values"])
+        dist = vae.encode(a["pixel_values"]).latent_dist
+        expected = torch.cat([dist.mean, dist.std], dim=1)
+        torch.testing.assert_close(b["latent_moments"].float(), expected, atol=2e-3, rtol=2e-3)  # fp16 storage
+
+    # latents drawn from the moments: the encoder's mean and std (4,000 draws of each value)
+    x, masked = plain[0]["pixel_values"][None], plain[0]["conditioning_pixel_values"][None]
+    moments = cached[0]["latent_moments"][None]
+    scale, f = vae.config.scaling_factor, moments.shape[1]
+    draws = sample_latents(moments[0].repeat(4000, 1, 1, 1), scale, torch.float32).unflatten(0, (4000, f))
+    dist = vae.encode(x[0]).latent_dist
+    torch.testing.assert_close(draws.mean(0), dist.mean * scale, atol=0.08 * scale, rtol=0)
+    torch.testing.assert_close(draws.std(0), dist.std * scale, atol=0.05 * scale, rtol=0.05)
+    torch.manual_seed(1)
+    clean, cond = encode_latents(vae, None, masked, moments=moments)  # the masked frames: still the encoder
+    torch.manual_seed(1)
+    assert torch.equal(cond, vae.encode(masked[0]).latent_dist.sample() * scale)
+    assert clean.shape == cond.shape == draws.shape[1:]
+
+    # a changed frame: its video is encoded again (new file), the others are read
+    frame = cached.entries[0].frames[1]
+    with open(frame, "ab") as f:
+        f.write(b"\0")
+    again = FinetuneDataset(args, tokenizer)
+    LatentCache(tmp_path / "cache", 32, vae).attach(again.entries)
+    assert again.entries[0].latents != cached.entries[0].latents
+    assert LatentCache.missing(again.entries) == [again.entries[0]]
+    # another VAE: another folder
+    assert LatentCache(tmp_path / "cache", 32, AutoencoderKL(**TINY_VAE)).dir != cache.dir
+
+
+def test_training_run_builds_and_uses_the_cache(assets, tmp_path):
+    import train_DiffuEraser_stage1 as stage1
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    stage1.main([str(a) for a in flags(assets, out, 2, compile=0, dataloader_num_workers=1, latent_cache=cache)])
+    files = [f for _, _, fs in os.walk(cache) for f in fs]
+    assert len(files) == 4 and all(f.endswith(".npy") for f in files)
+    table = np.load(next(os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs))
+    assert table.dtype == np.float16 and table.shape[1:] == (8, 8, 8)  # 64 px frames, 8 px latents
+    weights = load_file(str(next((out / "unet_main").glob("*.safetensors"))))
+    assert all(torch.isfinite(v).all() for v in weights.values())
