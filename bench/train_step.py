@@ -48,6 +48,8 @@ CONFIGS = {
     "s1-compile_model": ("stage1", dict(compile=True, compile_scope="model")),
     "s1-compile+fast_norms": ("stage1", dict(compile=True, fast_norms=True)),
     "s1-24GB": ("stage1", dict(compile=False, gradient_checkpointing=True, use_8bit_adam=True, vae_batch_size=4)),
+    "s1-24GB_compiled": ("stage1", dict(gradient_checkpointing=True, use_8bit_adam=True, vae_batch_size=4)),
+    "s1-latent_cache": ("stage1", dict(latent_cache=True)),  # the default with the clean frames' moments cached
     "s2-baseline": ("stage2", dict(baseline=True)),
     "s2-default": ("stage2", dict()),
     "s2-eager": ("stage2", dict(compile=False, cuda_graph=False)),
@@ -59,6 +61,8 @@ CONFIGS = {
     "s2-compile+cl": ("stage2", dict(compile=True, channels_last=True)),
     "s2-compile_model": ("stage2", dict(compile=True, compile_scope="model")),
     "s2-24GB": ("stage2", dict(compile=False, gradient_checkpointing=True, vae_batch_size=4)),
+    "s2-24GB_compiled": ("stage2", dict(gradient_checkpointing=True, vae_batch_size=4)),
+    "s2-latent_cache": ("stage2", dict(latent_cache=True)),
 }
 FRAMES = {"stage1": 10, "stage2": 22}
 
@@ -87,11 +91,18 @@ def build_models(stage, tiny, device):
     return unet, brushnet, vae.requires_grad_(False).eval(), text.requires_grad_(False).eval()
 
 
-def synthetic_batch(frames, resolution, device):
+def synthetic_batch(frames, resolution, device, latent_cache=False):
+    """A random clip; with latent_cache, the clean frames as cached VAE moments (as the loader gives them)."""
     pixel = torch.rand(1, frames, 3, resolution, resolution, device=device) * 2 - 1
     masks = (torch.rand(1, frames, 1, resolution, resolution, device=device) > 0.2).float()
-    return dict(pixel_values=pixel, conditioning_pixel_values=pixel * masks, masks=masks,
-                input_ids=torch.full((1, 77), 7, dtype=torch.long, device=device))
+    batch = dict(pixel_values=pixel, conditioning_pixel_values=pixel * masks, masks=masks,
+                 input_ids=torch.full((1, 77), 7, dtype=torch.long, device=device))
+    if latent_cache:
+        r = resolution // 8
+        batch["latent_moments"] = torch.cat([torch.randn(1, frames, 4, r, r, device=device),
+                                             torch.rand(1, frames, 4, r, r, device=device) * 0.1], dim=2).half()
+        del batch["pixel_values"]
+    return batch
 
 
 def matmul_peak_tflops(device, n=8192, reps=20):
@@ -149,7 +160,7 @@ def run_config(name, stage, opts, args, accelerator):
         compile_models(run_args, unet, brushnet)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     frames, res = (2 if args.tiny else FRAMES[stage]), (32 if args.tiny else args.resolution)
-    batch = synthetic_batch(frames, res, device)
+    batch = synthetic_batch(frames, res, device, opts.get("latent_cache", False))
     embed = TextEmbedder(text)
     lr_scheduler = SimpleNamespace(step=lambda: None)
     state = update_state()

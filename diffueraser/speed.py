@@ -126,6 +126,20 @@ class StepGraph:
         self.grads = [p.grad for p in self.params]
 
 
+def configure_cuda(args, accelerator):
+    """cuDNN autotuning (the clip shape never changes within a run), TF32 where asked, and
+    `--memory_cap_gib`: this process holds at most that much GPU memory, as on a smaller card (an
+    allocation past it raises out of memory)."""
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
+    if accelerator.device.type != "cuda":
+        return
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.memory_cap_gib:
+        total = torch.cuda.get_device_properties(accelerator.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), accelerator.device)
+
+
 def use_compile_cache(args, accelerator=None):
     """Keep torch.compile's cache (inductor's FX graphs, AOT autograd and Triton kernels) beside the
     checkpoints, in `--compile_cache` (default <output_dir>/compile_cache), so a resume on another
