@@ -127,7 +127,7 @@ def run_config(name, stage, opts, args, accelerator):
     cuda = device.type == "cuda"
     if cuda and args.memory_cap_gib:
         total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
     unet, brushnet, vae, text = build_models(stage, args.tiny, device)
     dtype = torch.float16 if accelerator.mixed_precision == "fp16" else (
         torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32)

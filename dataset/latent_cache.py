@@ -23,8 +23,10 @@ BATCH = 16  # frames per encoder call while building
 
 
 def vae_hash(vae):
-    """Hex digest of the VAE's config, weights and dtype."""
-    h = hashlib.sha1(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    """Hex digest of the VAE's config (its own keys: diffusers' `_...` entries hold paths and sets
+    whose order changes between processes), weights and dtype."""
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    h = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         h.update(name.encode())
         h.update(str(tensor.dtype).encode())
@@ -65,8 +67,9 @@ class LatentCache:
 
     @torch.no_grad()
     def build(self, videos, vae, show=True):
-        """Encode the frames of every video whose file is missing; returns how many were encoded."""
-        from dataset.finetune_dataset import SIGNED_UNIT, lookup, read_square, reduction, to_planes
+        """Encode the frames of every video whose file is missing; returns (videos encoded, videos
+        with an unreadable frame: left without a file, so the loader skips their clips)."""
+        from dataset.finetune_dataset import READ_ERRORS, SIGNED_UNIT, lookup, read_square, reduction, to_planes
         from PIL import Image
 
         todo = self.missing(videos)
@@ -74,28 +77,38 @@ class LatentCache:
         r = self.resolution
         bar = tqdm(total=sum(len(v.frames) for v in todo), desc="latent cache", unit="frame", disable=not show)
 
-        def read(video, paths):
-            with Image.open(video.frames[0]) as first:
-                reduce = reduction(*first.size, r)  # as the loader reads them
+        def read(paths, reduce):
             frames = np.empty((len(paths), r, r, 3), np.uint8)
             for i, path in enumerate(paths):
                 read_square(path, r, reduce, frames[i])
             return lookup(to_planes(frames), SIGNED_UNIT)
 
+        encoded, bad = 0, []
         with ThreadPoolExecutor(4) as pool, torch.compiler.set_stance("force_eager"):
             for video in todo:
                 batches = [video.frames[i:i + BATCH] for i in range(0, len(video.frames), BATCH)]
-                moments = []
-                for x in pool.map(lambda paths: read(video, paths), batches):
-                    dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
-                    moments.append(torch.cat([dist.mean, dist.std], dim=1).to(torch.float16).cpu())
-                    bar.update(len(x))
-                path = video.latents
-                with open(path + ".partial", "wb") as f:  # renamed when whole: a killed build leaves no file
+                try:
+                    with Image.open(video.frames[0]) as first:
+                        reduce = reduction(*first.size, r)  # as the loader reads them
+                    reads = [pool.submit(read, b, reduce) for b in batches[:4]]  # 4 batches ahead at most
+                    moments = []
+                    for i in range(len(batches)):
+                        x = reads[i].result()
+                        if i + 4 < len(batches):
+                            reads.append(pool.submit(read, batches[i + 4], reduce))
+                        dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
+                        moments.append(torch.cat([dist.mean, dist.std], dim=1).to(torch.float16).cpu())
+                        bar.update(len(x))
+                except READ_ERRORS as err:
+                    bad.append(f"{video.source} video {video.name}: {err}")
+                    continue
+                partial = f"{video.latents}.{os.getpid()}.partial"  # renamed when whole: a kill leaves no file
+                with open(partial, "wb") as f:
                     np.save(f, torch.cat(moments).numpy())
-                os.replace(path + ".partial", path)
+                os.replace(partial, video.latents)
+                encoded += 1
         bar.close()
-        return len(todo)
+        return encoded, bad
 
 
 def read_moments(video, start, count, stride):

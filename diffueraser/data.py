@@ -50,7 +50,16 @@ def use_latent_cache(args, accelerator, dataset, vae):
         return
     cache = LatentCache(args.latent_cache, args.resolution, vae).attach(dataset.entries)
     if accelerator.is_main_process:
-        start, count = time.time(), cache.build(dataset.entries, vae, accelerator.is_local_main_process)
+        start, (count, bad) = time.time(), cache.build(dataset.entries, vae, accelerator.is_local_main_process)
+        for line in bad:
+            accelerator.print(f"latent cache: not cached, its clips will be skipped: {line}")
         accelerator.print(f"latent cache {cache.dir}: {count} videos encoded in {time.time() - start:.0f} s, "
-                          f"{len(set(v.latents for v in dataset.entries)) - count} read")
+                          f"{len(set(v.latents for v in dataset.entries)) - count - len(bad)} read")
     accelerator.wait_for_everyone()
+    missing = LatentCache.missing(dataset.entries)  # every process: is the cache folder shared with it?
+    if len(missing) == len({v.latents for v in dataset.entries}):
+        raise SystemExit(f"--latent_cache: no cached moments in {cache.dir} on process {accelerator.process_index}: "
+                         "give every node a --latent_cache folder the main process writes (a shared disk)")
+    if missing and not accelerator.is_main_process:
+        print(f"latent cache: {len(missing)} videos have no cached moments on process {accelerator.process_index}; "
+              "their clips are skipped")

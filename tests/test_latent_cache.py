@@ -2,6 +2,7 @@
 the cache, latents drawn from the moments follow the encoder's distribution, a changed frame
 re-encodes its video only, and a training run builds and uses the cache."""
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -19,10 +20,12 @@ from tests.test_train_e2e import assets, flags  # noqa: F401 -- the tiny models 
 def test_cached_moments_are_the_encoders_and_drawn_latents_follow_them(assets, tokenizer, tmp_path):
     torch.manual_seed(0)
     vae = AutoencoderKL(**TINY_VAE).eval()
-    args = make_args(davis_root=assets / "DAVIS", ytvos_root=assets / "YTVOS", nframes=4, resolution=32)
+    for tree in ("DAVIS", "YTVOS"):  # a copy: frames are changed below
+        shutil.copytree(assets / tree, tmp_path / tree)
+    args = make_args(davis_root=tmp_path / "DAVIS", ytvos_root=tmp_path / "YTVOS", nframes=4, resolution=32)
     plain, cached = FinetuneDataset(args, tokenizer), FinetuneDataset(args, tokenizer)
     cache = LatentCache(tmp_path / "cache", 32, vae).attach(cached.entries)
-    assert cache.build(cached.entries, vae, show=False) == 4  # 2 DAVIS (x10 entries) + 2 YouTube-VOS videos
+    assert cache.build(cached.entries, vae, show=False) == (4, [])  # 2 DAVIS (x10 entries) + 2 YouTube-VOS videos
     for index in (0, 3, 20, 21):  # the same seed: the same clip, frames, reversal and mask
         a, b = plain[index], cached[index]
         assert "pixel_values" not in b and b["latent_moments"].dtype == torch.float16
@@ -45,17 +48,24 @@ def test_cached_moments_are_the_encoders_and_drawn_latents_follow_them(assets, t
     assert torch.equal(cond, vae.encode(masked[0]).latent_dist.sample() * scale)
     assert clean.shape == cond.shape == draws.shape[1:]
 
-    # a changed frame: its video is encoded again (new file), the others are read
-    frame = cached.entries[0].frames[1]
-    with open(frame, "ab") as f:
+    # a changed frame: its video is encoded again (new file), the others are read; an unreadable
+    # frame: its video gets no file and is named, and the loader skips its clips
+    with open(cached.entries[0].frames[1], "ab") as f:
         f.write(b"\0")
+    with open(cached.entries[-1].frames[2], "r+b") as f:
+        f.truncate(100)
     again = FinetuneDataset(args, tokenizer)
     LatentCache(tmp_path / "cache", 32, vae).attach(again.entries)
     assert again.entries[0].latents != cached.entries[0].latents
-    assert LatentCache.missing(again.entries) == [again.entries[0]]
-    # another VAE: another folder
+    assert LatentCache.missing(again.entries) == [again.entries[0], again.entries[-1]]
+    count, unreadable = cache.build(again.entries, vae, show=False)
+    assert count == 1 and len(unreadable) == 1 and again.entries[-1].name in unreadable[0]
+    assert "truncated" in unreadable[0]
+    assert "latent_moments" in again[len(again) - 1] and again.skipped_count == 1  # another video's clip
+    # another VAE: another folder; the same one loaded from elsewhere: the same folder
     assert LatentCache(tmp_path / "cache", 32, AutoencoderKL(**TINY_VAE)).dir != cache.dir
-
+    vae.save_pretrained(tmp_path / "vae")
+    assert LatentCache(tmp_path / "cache", 32, AutoencoderKL.from_pretrained(tmp_path / "vae")).dir == cache.dir
 
 def test_training_run_builds_and_uses_the_cache(assets, tmp_path, monkeypatch):
     import train_DiffuEraser_stage1 as stage1
