@@ -195,7 +195,7 @@ class Validator:
         graph's pool and the allocator's cache) and try once more. True when the GIFs were written."""
         error = self.run(accelerator, models, step)
         if isinstance(error, torch.cuda.OutOfMemoryError):
-            error = None  # the traceback holds the failed attempt's tensors
+            error = None  # drop the failed attempt before the next one
             logger.warning(f"validation at step {step} ran out of GPU memory: freeing the CUDA graph's pool and "
                            "cached blocks (the graph is captured again at the next step), trying once more")
             (self.free_memory or free_cached_memory)()
