@@ -3,12 +3,14 @@
 #
 #   setsid bash bench/gpu_session.sh OUT steps > OUT.log 2>&1 &   # ~20 min on an H200
 #   setsid bash bench/gpu_session.sh OUT smoke > OUT.log 2>&1 &   # ~25 min
+#   setsid bash bench/gpu_session.sh OUT preset > OUT.log 2>&1 &  # ~25 min (bitsandbytes among the wheels)
 #   TINY=1 bash bench/gpu_session.sh OUT steps                      # the same glue on a CPU, tiny (minutes)
 #
 # steps: the GPU tests, then bench/train_step.py side by side in one process each: the default against
 #        --latent_cache (stage 1, stage 2), and the compiled 24 GB preset under a 22 GiB cap (both stages).
 # smoke: bench/gpu_e2e.py (both scripts, stop, resume, converters) under a 46 GiB cap with validation on,
 #        then stage-2 evaluation throughput on two 67-frame 480p videos (DAVIS val's mean length).
+# preset: bench/gpu_e2e.py with the 24 GB preset, compiled, under a 22 GiB cap, validation on.
 # OUT/times says when each part ended and its exit status; each part's output is OUT/<part>.log.
 set -u
 out=$(realpath -m "$1"); mode=$2
@@ -42,6 +44,9 @@ w('$out/evaldata', videos=('v0', 'v1'), nframes=$frames, size=$size)"
     part eval python3 eval_DiffuEraser_stage2.py --weights "mine=$out/e2e/converted/stage2" \
         --base_model_name_or_path "$out/e2e/weights/sd" --videos "$out/evaldata/JPEGImages/480p" \
         --output_dir "$out/eval" "${small[@]}" ;;
-  *) echo "mode: steps or smoke" >&2; exit 2 ;;
+  preset)
+    part e2e python3 bench/gpu_e2e.py "$out/e2e" \
+        --extra "--memory_cap_gib 22 --gradient_checkpointing --use_8bit_adam --vae_batch_size 4" ;;
+  *) echo "mode: steps, smoke or preset" >&2; exit 2 ;;
 esac
 echo "done $(date -u +%H:%M:%S)" >> "$out/times"
