@@ -103,8 +103,8 @@ def masked_ssim(gt, pred, hole):
 
 def hole_mean(values, hole):
     """Mean of an `ssim_map` over the hole pixels it covers (see `masked_ssim`); nan if none."""
-    r = SSIM_WIN // 2
-    inside = np.asarray(hole, dtype=bool)[r:hole.shape[0] - r, r:hole.shape[1] - r]
+    r, hole = SSIM_WIN // 2, np.asarray(hole, dtype=bool)
+    inside = hole[r:hole.shape[0] - r, r:hole.shape[1] - r]
     return float(values[inside].mean()) if inside.any() else math.nan
 
 
