@@ -197,6 +197,9 @@ def main(argv=None):
     parser.add_argument("--stage1_only", action="store_true", help="Stop after stage 1's converter (less device time).")
     parser.add_argument("--extra", default="", help="More flags for both training scripts, one string.")
     parser.add_argument("--extra1", default="", help="More flags for stage 1 only (e.g. --use_8bit_adam).")
+    parser.add_argument("--stage2_only", action="store_true",
+                        help="Stage 2 alone, from a stage 1 made of the base UNet and a BrushNet copied from it.")
+    parser.add_argument("--no_convert", action="store_true", help="Skip the converters (less disk).")
     parser.add_argument("--no_stop", action="store_true",
                         help="Stage 1 in one run, without the SIGTERM and resume (a memory smoke: less disk and time).")
     args = parser.parse_args(argv)
@@ -222,6 +225,9 @@ def main(argv=None):
         common += ["--compile", str(args.compile)]
     common += args.extra.split()
 
+    if args.stage2_only:
+        stage1_from_base(os.path.join(weights, "sd"), converted1)
+        return run_stage2(args, report, env, common, plan, stage2, converted2, start)
     print("stage 1: fresh start, SIGTERM after a few steps", flush=True)
     log1 = os.path.join(stage1, "train_stage1.log")
     flags1 = [*common, "--nframes", "2" if args.tiny else "10", "--max_train_steps", str(plan["steps1"]),
@@ -247,14 +253,31 @@ def main(argv=None):
             report.fail(f"stage 1: the resumed run exited {code} or did not resume")
     stage_figures(report, "stage 1", stage1, read_from(log1, 0))
     check_gifs(report, stage1, "stage 1", sorted({0, plan["val1"], plan["steps1"]}))
-    converter(report, "save_checkpoint_stage1.py", ["--input_dir", os.path.join(stage1, "latest"),
-                                                    "--output_dir", converted1], "stage 1")
+    if not args.no_convert:
+        converter(report, "save_checkpoint_stage1.py", ["--input_dir", os.path.join(stage1, "latest"),
+                                                        "--output_dir", converted1], "stage 1")
     if not args.tiny:  # disk: a stage-1 checkpoint is ~20 GB
         for ckpt in glob.glob(os.path.join(stage1, "checkpoint-*")):
             shutil.rmtree(ckpt, ignore_errors=True)
 
     if args.stage1_only:
         return finish(report, out, start)
+    return run_stage2(args, report, env, common, plan, stage2, converted2, start)
+
+
+def stage1_from_base(sd, target):
+    """A converted stage 1 (unet_main/, brushnet/) without training: the base UNet and a BrushNet made from it."""
+    from diffueraser.convert import load_unet2d
+    from libs.brushnet_CA import BrushNetModel
+
+    if not os.path.isdir(os.path.join(target, "brushnet")):
+        os.makedirs(target, exist_ok=True)
+        os.symlink(os.path.join(sd, "unet"), os.path.join(target, "unet_main"))
+        BrushNetModel.from_unet(load_unet2d(os.path.join(sd, "unet"))).save_pretrained(os.path.join(target, "brushnet"))
+
+
+def run_stage2(args, report, env, common, plan, stage2, converted2, start):
+    out = os.path.dirname(stage2)
     print("stage 2", flush=True)
     log2 = os.path.join(stage2, "train_stage2.log")
     flags2 = [*common, "--nframes", "4" if args.tiny else "22", "--max_train_steps", str(plan["steps2"]),
@@ -265,8 +288,9 @@ def main(argv=None):
         report.fail(f"stage 2 exited {code}")
     stage_figures(report, "stage 2", stage2, read_from(log2, 0))
     check_gifs(report, stage2, "stage 2", [0, plan["steps2"]])
-    converter(report, "save_checkpoint_stage2.py", ["--input_dir", os.path.join(stage2, "latest"),
-                                                    "--output_dir", converted2], "stage 2")
+    if not args.no_convert:
+        converter(report, "save_checkpoint_stage2.py", ["--input_dir", os.path.join(stage2, "latest"),
+                                                        "--output_dir", converted2], "stage 2")
     return finish(report, out, start)
 
 

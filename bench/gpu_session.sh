@@ -4,7 +4,7 @@
 #   setsid bash bench/gpu_session.sh OUT steps > OUT.log 2>&1 &   # ~20 min on an H200
 #   setsid bash bench/gpu_session.sh OUT smoke > OUT.log 2>&1 &   # ~25 min
 #   setsid bash bench/gpu_session.sh OUT preset > OUT.log 2>&1 &  # ~25 min (bitsandbytes among the wheels)
-#   setsid bash bench/gpu_session.sh OUT caps > OUT.log 2>&1 &    # ~25 min: smoke + preset at once, then stage 1's cache bench
+#   setsid bash bench/gpu_session.sh OUT caps > OUT.log 2>&1 &    # ~15 min: the memory caps, three runs at once
 #   TINY=1 bash bench/gpu_session.sh OUT steps                      # the same glue on a CPU, tiny (minutes)
 #
 # steps: the GPU tests, then bench/train_step.py side by side in one process each: the default against
@@ -12,9 +12,9 @@
 # smoke: bench/gpu_e2e.py (both scripts, stop, resume, converters) under a 46 GiB cap with validation on,
 #        then stage-2 evaluation throughput on two 67-frame 480p videos (DAVIS val's mean length).
 # preset: bench/gpu_e2e.py with the 24 GB preset, compiled, under a 22 GiB cap, validation on.
-# caps: the GPU tests, bench/gpu_e2e.py --no_stop under a 46 GiB cap (default) and, at the same time on the
-#        same GPU, under a 22 GiB cap (24 GB preset): each process is capped, so their peaks and GIFs hold;
-#        their s/step do not (two runs share the GPU). Then, alone: the default against --latent_cache, stage 1, stage 2.
+# caps: at once on one GPU, each process capped (their peaks and GIFs hold; their s/step do not, three
+#        processes share the GPU): stage 1 and stage 2 (from the base UNet) through the scripts under a 46 GiB
+#        cap with validation, and bench/train_step.py's compiled 24 GB preset under a 22 GiB cap.
 # OUT/times says when each part ended and its exit status; each part's output is OUT/<part>.log.
 set -u
 out=$(realpath -m "$1"); mode=$2
@@ -51,19 +51,15 @@ w('$out/evaldata', videos=('v0', 'v1'), nframes=$frames, size=$size)"
   preset)
     part e2e python3 bench/gpu_e2e.py "$out/e2e" \
         --extra "--memory_cap_gib 22 --gradient_checkpointing --use_8bit_adam --vae_batch_size 4" ;;
-  caps)
-    if [ -z "$tiny" ]; then
-      part gpu_tests python3 -m pytest -q tests/test_cuda_graph.py tests/test_update.py &
-      cap46=(--extra "--memory_cap_gib 46")
-      cap22=(--extra "--memory_cap_gib 22 --gradient_checkpointing --vae_batch_size 4" --extra1 "--use_8bit_adam")
-    else
-      cap46=(--tiny --compile 0); cap22=(--tiny --compile 0 --extra "--gradient_checkpointing --vae_batch_size 1")
-    fi
-    part e2e46 python3 bench/gpu_e2e.py "$out/e2e46" --no_stop "${cap46[@]}" &
-    part e2e22 python3 bench/gpu_e2e.py "$out/e2e22" --no_stop "${cap22[@]}" &
-    wait
-    part s1_cache python3 bench/train_step.py $tiny --configs s1-default,s1-latent_cache --json "$out/s1_cache.json"
-    part s2_cache python3 bench/train_step.py $tiny --configs s2-default,s2-latent_cache --json "$out/s2_cache.json" ;;
+  caps)  # three processes on one GPU, each capped; disk: ~56 GB at peak (one copy of the weights and data)
+    if [ -z "$tiny" ]; then cap46=(--extra "--memory_cap_gib 46"); else cap46=(--tiny --compile 0); fi
+    part assets python3 -c "import sys; sys.path.insert(0, 'bench'); import gpu_e2e; gpu_e2e.write_assets('$out/assets', '$tiny' != '')"
+    for d in s1 s2; do mkdir -p "$out/$d"; ln -sfn "$out/assets/weights" "$out/$d/weights"; ln -sfn "$out/assets/data" "$out/$d/data"; done
+    part e2e_s1 python3 bench/gpu_e2e.py "$out/s1" --stage1_only --no_stop --no_convert "${cap46[@]}" &
+    part e2e_s2 python3 bench/gpu_e2e.py "$out/s2" --stage2_only --no_convert "${cap46[@]}" &
+    [ -z "$tiny" ] && part preset python3 bench/train_step.py --memory_cap_gib 22 \
+        --configs s1-24GB_compiled,s2-24GB_compiled --json "$out/preset.json" &
+    wait ;;
   *) echo "mode: steps, smoke, preset or caps" >&2; exit 2 ;;
 esac
 echo "done $(date -u +%H:%M:%S)" >> "$out/times"

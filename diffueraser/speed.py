@@ -136,8 +136,10 @@ def configure_cuda(args, accelerator):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.memory_cap_gib:
-        total = torch.cuda.get_device_properties(accelerator.device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), accelerator.device)
+        index = accelerator.device.index  # one process: plain "cuda", which torch's cap refuses
+        index = torch.cuda.current_device() if index is None else index
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), index)
 
 
 def use_compile_cache(args, accelerator=None):

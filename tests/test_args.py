@@ -77,3 +77,23 @@ def test_script_refuses_before_loading_models(tmp_path):
                            "--davis_root", tmp_path / "DAVIS", "--output_dir", tmp_path / "out",
                            "--learning_rate", "-1"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.strip() == "--learning_rate: -1.0 must be >= 0", proc.stderr
+
+
+def test_memory_cap_on_a_single_process_device(base, monkeypatch):
+    """One process on a GPU: accelerate's device is plain "cuda" (no index), which torch's cap
+    refuses; the cap goes to the current device with the fraction of that card's memory."""
+    import torch
+    from types import SimpleNamespace
+    from torch.cuda._utils import _get_device_index
+
+    from diffueraser.speed import configure_cuda
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=92 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",  # torch's own device check, as the real one
+                        lambda fraction, device=None: calls.append((fraction, _get_device_index(device))))
+    args = check_args(build_parser("t", "out", 10).parse_args(base + ["--memory_cap_gib", "46", "--compile", "0"]))
+    for device, index in ((torch.device("cuda"), 0), (torch.device("cuda", 1), 1)):
+        configure_cuda(args, SimpleNamespace(device=device))
+        assert calls.pop() == (0.5, index)
