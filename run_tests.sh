@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m pip install -q -r requirements.txt
-python3 -m pytest -q "$@"
+# two workers (TEST_WORKERS to change); tests sharing torch.distributed's port 29500 stay on one worker
+python3 -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadgroup "$@"

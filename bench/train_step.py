@@ -119,8 +119,10 @@ def matmul_peak_tflops(device, n=8192, reps=20):
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
 
 
-def run_config(name, stage, opts, args, accelerator):
-    """Time one configuration; returns a result dict."""
+def run_config(name, stage, opts, args, accelerator, where=None):
+    """Time one configuration; returns a result dict. `where["phase"]` says what ran last (an error's place)."""
+    where = {} if where is None else where
+    where["phase"] = "building the models"
     from diffusers import DDPMScheduler
 
     device = accelerator.device
@@ -203,6 +205,8 @@ def run_config(name, stage, opts, args, accelerator):
             torch.cuda.synchronize()
 
     for i in range(args.warmup):
+        compiling = " (compiling)" if i == 0 and run_args.compile else ""
+        where["phase"] = f"warm-up step {i + 1} of {args.warmup}{compiling}"
         if cuda and graph and i == args.warmup - 1:  # the capture: the graph's memory pool is filled here
             torch.cuda.reset_peak_memory_stats()
         step()
@@ -210,6 +214,7 @@ def run_config(name, stage, opts, args, accelerator):
     if cuda and not graph:
         torch.cuda.reset_peak_memory_stats()
     times = []
+    where["phase"] = "the timed steps"
     for _ in range(args.steps):
         start = time.perf_counter()
         step()
@@ -228,9 +233,13 @@ def run_config(name, stage, opts, args, accelerator):
         result["kernel_table"] = kernel_table(step, f"{args.kernel_table}.{name}.txt")
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
-        step(eager=True)  # compiled blocks run their eager code here, so the counter sees every op
-    result["tflop_per_step"] = counter.get_total_flops() / 1e12
+    where["phase"] = "the FLOP count (one eager step)"
+    try:
+        with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
+            step(eager=True)  # compiled blocks run their eager code here, so the counter sees every op
+        result["tflop_per_step"] = counter.get_total_flops() / 1e12
+    except torch.cuda.OutOfMemoryError:  # eager can need more than compiled: keep the timings
+        result["flop_count"] = "out of memory in the eager step"
     del unet, brushnet, vae, text, optimizer, params, trained, batch, embed
     accelerator.free_memory()
     gc.collect()
@@ -354,10 +363,12 @@ def main(argv=None):
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+        where = {}
         try:
-            r = run_config(name, stage, opts, args, accelerator)
+            r = run_config(name, stage, opts, args, accelerator, where)
         except torch.cuda.OutOfMemoryError as e:
-            r = dict(config=name, stage=stage, options=opts, error=f"out of memory: {str(e)[:200]}")
+            r = dict(config=name, stage=stage, options=opts, error=f"out of memory in {where['phase']}: {str(e)[:200]}",
+                     peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.set_per_process_memory_fraction(1.0)

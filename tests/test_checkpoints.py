@@ -202,6 +202,7 @@ def save_with_full_disk_on_rank_1(output_dir):
     Path(output_dir, f"rank{accelerator.process_index}.txt").write_text(outcome)
 
 
+@pytest.mark.xdist_group("port29500")  # debug_launcher's fixed port: one such test at a time under -n
 def test_full_disk_on_one_process_stops_every_process(tmp_path):
     """No process is left waiting at a barrier for one that ran out of space."""
     from accelerate import debug_launcher

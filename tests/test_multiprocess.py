@@ -9,6 +9,7 @@ import torch
 from tests.test_train_e2e import REPO, assets, flags  # noqa: F401  (session fixture reused)
 
 LR = 1e-4
+pytestmark = pytest.mark.xdist_group("port29500")  # debug_launcher and torchrun take port 29500: one at a time
 
 
 def one_update(stage, out_file):
