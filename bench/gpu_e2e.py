@@ -196,13 +196,16 @@ def main(argv=None):
                         help="Pass --compile to both stages (default: the scripts' own, on with CUDA).")
     parser.add_argument("--stage1_only", action="store_true", help="Stop after stage 1's converter (less device time).")
     parser.add_argument("--extra", default="", help="More flags for both training scripts, one string.")
-    parser.add_argument("--extra1", default="", help="More flags for stage 1 only (e.g. --use_8bit_adam).")
+    parser.add_argument("--extra1", default="",
+                        help="Flags for stage 1 only: --extra1=--use_8bit_adam (a value starting with -- needs the =).")
     parser.add_argument("--stage2_only", action="store_true",
                         help="Stage 2 alone, from a stage 1 made of the base UNet and a BrushNet copied from it.")
     parser.add_argument("--no_convert", action="store_true", help="Skip the converters (less disk).")
     parser.add_argument("--no_stop", action="store_true",
                         help="Stage 1 in one run, without the SIGTERM and resume (a memory smoke: less disk and time).")
     args = parser.parse_args(argv)
+    if args.no_convert and not (args.stage1_only or args.stage2_only):
+        parser.error("--no_convert: stage 2 starts from stage 1's converted folder; add --stage1_only or --stage2_only")
     out = os.path.abspath(args.out)
     plan = PLAN["tiny" if args.tiny else "full"]
     report = Report()
@@ -228,7 +231,7 @@ def main(argv=None):
     if args.stage2_only:
         stage1_from_base(os.path.join(weights, "sd"), converted1)
         return run_stage2(args, report, env, common, plan, stage2, converted2, start)
-    print("stage 1: fresh start, SIGTERM after a few steps", flush=True)
+    print("stage 1: fresh start" + ("" if args.no_stop else ", SIGTERM after a few steps"), flush=True)
     log1 = os.path.join(stage1, "train_stage1.log")
     flags1 = [*common, "--nframes", "2" if args.tiny else "10", "--max_train_steps", str(plan["steps1"]),
               "--validation_steps", str(plan["val1"]), *args.extra1.split()]

@@ -363,6 +363,7 @@ def main(argv=None):
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()  # an out-of-memory's peak is this configuration's own
         where = {}
         try:
             r = run_config(name, stage, opts, args, accelerator, where)

@@ -89,6 +89,9 @@ def test_memory_cap_on_a_single_process_device(base, monkeypatch):
     from diffueraser.speed import configure_cuda
 
     calls = []
+    for flags, name in ((torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"),
+                        (torch.backends.cuda.matmul, "allow_tf32")):  # configure_cuda sets them: restored after
+        monkeypatch.setattr(flags, name, getattr(flags, name))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=92 * 2**30))
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",  # torch's own device check, as the real one
