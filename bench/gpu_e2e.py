@@ -7,7 +7,7 @@ Writes random weights (text encoder, VAE, UNet, motion adapter, a tokenizer that
 download) and a synthetic DAVIS (480p) / YouTube-VOS (720p) tree, then runs, each through its
 shell script or converter exactly as train.md says:
 
-  finetune_stage1.sh  (validation on, 4 loader workers) -> SIGTERM after a few steps (must save
+  finetune_stage1.sh  (validation on, 4 loader workers, the latent cache in OUT/latent_cache) -> SIGTERM after a few steps (must save
   and exit 0) -> finetune_stage1.sh again (resumes from `latest`, torch's default compile cache
   deleted first, as on a fresh machine: only the run's own compile_cache is left)
   -> save_checkpoint_stage1.py -> finetune_stage2.sh -> save_checkpoint_stage2.py
@@ -134,7 +134,8 @@ def log_figures(text):
     saves = re.findall(r"saved (\S+) in ([\d.]+) s", text)
     first = re.findall(r"first step done (\d+) s after start, (\d+) s of it in the step", text)
     failed = re.findall(r"validation at step \d+ failed: .*", text)
-    return peak, saves, first, failed
+    cache = re.findall(r"latent cache \S+: (\d+) videos encoded in (\d+) s, (\d+) read", text)
+    return peak, saves, first, failed, cache
 
 
 def folder_gb(path):
@@ -152,10 +153,14 @@ def check_gifs(report, run_dir, stage, steps, expected_clips=2):
     report.add(f"{stage} validation GIFs (step: count)", ", ".join(f"{s}: {n}" for s, n in sorted(found.items())))
 
 
-def stage_figures(report, stage, run_dir, log_text):
-    peak, saves, first, failed = log_figures(log_text)
+def stage_figures(report, stage, run_dir, log_text, cached):
+    peak, saves, first, failed, cache = log_figures(log_text)
     for line in failed:
         report.fail(f"{stage}: {line}")
+    if cache:  # one line per start of the script
+        report.add(f"{stage} latent cache (videos encoded, s, read)", " ; ".join(f"{n}, {s}, {r}" for n, s, r in cache))
+    elif cached:
+        report.fail(f"{stage}: the scripts' latent cache was not used (no 'latent cache ... encoded' line)")
     report.add(f"{stage} s/step through the script (median)", f"{seconds_per_step(run_dir):.3f}")
     if peak:
         report.add(f"{stage} peak GPU memory, GiB (allocated / reserved)", " ; ".join(f"{a} / {r}" for a, r in peak))
@@ -220,7 +225,8 @@ def main(argv=None):
     env.update(BASE_MODEL=os.path.join(weights, "sd"), VAE=os.path.join(weights, "sd"),
                MOTION_ADAPTER=os.path.join(weights, "adapter"), DAVIS=os.path.join(data, "DAVIS"),
                YTBV=os.path.join(data, "YTVOS"), STAGE1=converted1, PYTHONUNBUFFERED="1",
-               MIXED_PRECISION="bf16" if args.tiny else "fp16")
+               MIXED_PRECISION="bf16" if args.tiny else "fp16",
+               LATENT_CACHE=os.environ.get("LATENT_CACHE", os.path.join(out, "latent_cache")))  # both stages share it
     common = ["--checkpoints_total_limit", "1", "--checkpointing_steps", "1000"]
     if args.tiny:
         common += ["--resolution", "32", "--validation_inference_steps", "2"]
@@ -254,7 +260,7 @@ def main(argv=None):
         report.add("stage 1 resume: time to the first step through the script, s", f"{first or float('nan'):.0f}")
         if code != 0 or "resuming from" not in read_from(log1, offset):
             report.fail(f"stage 1: the resumed run exited {code} or did not resume")
-    stage_figures(report, "stage 1", stage1, read_from(log1, 0))
+    stage_figures(report, "stage 1", stage1, read_from(log1, 0), bool(env["LATENT_CACHE"]))
     check_gifs(report, stage1, "stage 1", sorted({0, plan["val1"], plan["steps1"]}))
     if not args.no_convert:
         converter(report, "save_checkpoint_stage1.py", ["--input_dir", os.path.join(stage1, "latest"),
@@ -289,7 +295,7 @@ def run_stage2(args, report, env, common, plan, stage2, converted2, start):
     report.add("stage 2 fresh: time to the first step through the script, s", f"{first or float('nan'):.0f}")
     if code != 0:
         report.fail(f"stage 2 exited {code}")
-    stage_figures(report, "stage 2", stage2, read_from(log2, 0))
+    stage_figures(report, "stage 2", stage2, read_from(log2, 0), bool(env["LATENT_CACHE"]))
     check_gifs(report, stage2, "stage 2", [0, plan["steps2"]])
     if not args.no_convert:
         converter(report, "save_checkpoint_stage2.py", ["--input_dir", os.path.join(stage2, "latest"),

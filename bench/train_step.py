@@ -2,12 +2,14 @@
 
     python bench/train_step.py --json bench_step.json          # full SD1.5 size, on a GPU
     python bench/train_step.py --tiny                          # tiny models on CPU (the tests run this)
+    python bench/train_step.py --configs s1-default,s1-24GB_compiled@22   # the preset under a 22 GiB cap
 
 Builds SD1.5-size models with random weights from configs (UNet, BrushNet from it, VAE, CLIP text
 encoder, motion adapter v1-5-2 layout), then for each configuration runs the project's own
 `training_step` + `update` (the functions the training scripts use) on synthetic batches and
-prints median/min/max s per step, peak allocated/reserved GiB, TFLOP per step (FlopCounterMode),
-achieved TFLOP/s and the fraction of the matmul peak measured in the same run.
+prints median/min/max s per step, peak allocated/reserved GiB (the steady step's, and in the JSON
+each phase's: setup, every warm-up step, the timed steps, the FLOP count), TFLOP per step
+(FlopCounterMode), achieved TFLOP/s and the fraction of the matmul peak measured in the same run.
 
 On the device (no diffusers there), bring the wheels: see bench/RESULTS.md, "Measuring on the device".
 """
@@ -127,9 +129,19 @@ def run_config(name, stage, opts, args, accelerator, where=None):
 
     device = accelerator.device
     cuda = device.type == "cuda"
-    if cuda and args.memory_cap_gib:
+    cap = opts.get("memory_cap_gib", args.memory_cap_gib)
+    if cuda and cap:
         total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total))
+    peaks = where.setdefault("peaks", {})  # phase -> [allocated, reserved] GiB at its peak
+
+    def measure(phase):
+        """Close the running phase's peak (since the last call) under `phase`; start the next."""
+        if cuda:
+            torch.cuda.synchronize()
+            peaks[phase] = [round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                            round(torch.cuda.max_memory_reserved() / 2**30, 2)]
+            torch.cuda.reset_peak_memory_stats()
     unet, brushnet, vae, text = build_models(stage, args.tiny, device)
     dtype = torch.float16 if accelerator.mixed_precision == "fp16" else (
         torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32)
@@ -204,15 +216,13 @@ def run_config(name, stage, opts, args, accelerator, where=None):
         if cuda:
             torch.cuda.synchronize()
 
+    measure("setup")  # the models, the optimizer and the batch in place
     for i in range(args.warmup):
         compiling = " (compiling)" if i == 0 and run_args.compile else ""
-        where["phase"] = f"warm-up step {i + 1} of {args.warmup}{compiling}"
-        if cuda and graph and i == args.warmup - 1:  # the capture: the graph's memory pool is filled here
-            torch.cuda.reset_peak_memory_stats()
+        capture = " (the capture)" if graph and i == args.warmup - 1 else ""
+        where["phase"] = f"warm-up step {i + 1} of {args.warmup}{compiling}{capture}"
         step()
-    sync()
-    if cuda and not graph:
-        torch.cuda.reset_peak_memory_stats()
+        measure(where["phase"])
     times = []
     where["phase"] = "the timed steps"
     for _ in range(args.steps):
@@ -220,17 +230,21 @@ def run_config(name, stage, opts, args, accelerator, where=None):
         step()
         sync()
         times.append(time.perf_counter() - start)
+    measure(where["phase"])
     result = dict(config=name, stage=stage, frames=frames, resolution=res, options=opts,
                   compiled=bool(run_args.compile), cuda_graph=graph,
                   median_s=statistics.median(times), min_s=min(times), max_s=max(times),
                   trainable_params_M=sum(p.numel() for p in params) / 1e6)
-    if cuda:
-        result.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
-                      peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+    if cuda:  # the steady step's peak; a graph's also counts its capture, which fills the graph's pool
+        steady = [peaks["the timed steps"]] + [v for k, v in peaks.items() if "(the capture)" in k]
+        result.update(peak_allocated_gib=max(a for a, _ in steady), peak_reserved_gib=max(r for _, r in steady),
+                      memory_cap_gib=cap, phase_peaks_gib=peaks)
     if args.profile and not graph:  # a replay runs no hooks: a graphed step has no phases
         result["phases_ms"] = phase_times(step, vae, dict(brushnet=brushnet, unet=unet), cuda)
     if args.kernel_table and cuda:
         result["kernel_table"] = kernel_table(step, f"{args.kernel_table}.{name}.txt")
+    if args.profile or args.kernel_table:
+        measure("profiling")
     from torch.utils.flop_counter import FlopCounterMode
 
     where["phase"] = "the FLOP count (one eager step)"
@@ -238,6 +252,7 @@ def run_config(name, stage, opts, args, accelerator, where=None):
         with FlopCounterMode(display=False) as counter, torch.compiler.set_stance("force_eager"):
             step(eager=True)  # compiled blocks run their eager code here, so the counter sees every op
         result["tflop_per_step"] = counter.get_total_flops() / 1e12
+        measure(where["phase"])
     except torch.cuda.OutOfMemoryError:  # eager can need more than compiled: keep the timings
         result["flop_count"] = "out of memory in the eager step"
     del unet, brushnet, vae, text, optimizer, params, trained, batch, embed
@@ -338,7 +353,8 @@ def kernel_table(step, path, reps=2):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="Tiny models on CPU (a smoke run).")
-    parser.add_argument("--configs", default=None, help="Comma-separated names (default: all). " + ", ".join(CONFIGS))
+    parser.add_argument("--configs", default=None, help="Comma-separated names (default: all); name@GiB runs that "
+                        "one under its own memory cap. " + ", ".join(CONFIGS))
     parser.add_argument("--steps", type=int, default=10, help="Timed steps per configuration.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first.")
     parser.add_argument("--resolution", type=int, default=512)
@@ -357,7 +373,9 @@ def main(argv=None):
     peak = matmul_peak_tflops(accelerator.device) if cuda else None
     results = []
     for name in names:
-        stage, opts = CONFIGS[name]
+        base, _, cap = name.partition("@")  # name@GiB: this configuration under its own memory cap
+        stage, opts = CONFIGS[base]
+        opts = dict(opts, memory_cap_gib=float(cap)) if cap else opts
         # each configuration starts with nothing of the previous one reserved: the last one's CUDA
         # graph pool (freed only when run_config returned) inflated runs 10-14's second readings
         gc.collect()
@@ -368,8 +386,10 @@ def main(argv=None):
         try:
             r = run_config(name, stage, opts, args, accelerator, where)
         except torch.cuda.OutOfMemoryError as e:
+            where.get("peaks", {})[where["phase"]] = [round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                                                      round(torch.cuda.max_memory_reserved() / 2**30, 2)]
             r = dict(config=name, stage=stage, options=opts, error=f"out of memory in {where['phase']}: {str(e)[:200]}",
-                     peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+                     phase_peaks_gib=where.get("peaks"))
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.set_per_process_memory_fraction(1.0)

@@ -30,7 +30,9 @@ def vae_hash(vae):
     for name, tensor in sorted(vae.state_dict().items()):
         h.update(name.encode())
         h.update(str(tensor.dtype).encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # flatten: the values in logical order whatever the memory format (a compiled run's encoder
+        # is channels_last, where a 1x1 kernel counts as contiguous with a last stride above 1)
+        h.update(tensor.detach().cpu().flatten().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

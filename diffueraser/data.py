@@ -48,6 +48,13 @@ def use_latent_cache(args, accelerator, dataset, vae):
 
     if not args.latent_cache:
         return
+    files = [v for v in dataset.entries if v.frames is None]
+    if files:  # the scripts turn the cache on: a run on video files trains as before, without it
+        v = files[0]
+        accelerator.print(f"latent cache off: it covers frame folders only, and {len({id(f) for f in files})} "
+                          f"videos are files (e.g. {v.source} video {v.name}: {v.path}); extract their frames "
+                          "(--frames_root) to use it, or LATENT_CACHE= in the scripts to silence this")
+        return
     cache = LatentCache(args.latent_cache, args.resolution, vae).attach(dataset.entries)
     if accelerator.is_main_process:
         start, (count, bad) = time.time(), cache.build(dataset.entries, vae, accelerator.is_local_main_process)
@@ -57,9 +64,12 @@ def use_latent_cache(args, accelerator, dataset, vae):
                           f"{len(set(v.latents for v in dataset.entries)) - count - len(bad)} read")
     accelerator.wait_for_everyone()
     missing = LatentCache.missing(dataset.entries)  # every process: is the cache folder shared with it?
-    if len(missing) == len({v.latents for v in dataset.entries}):
-        raise SystemExit(f"--latent_cache: no cached moments in {cache.dir} on process {accelerator.process_index}: "
-                         "give every node a --latent_cache folder the main process writes (a shared disk)")
+    if len(missing) == len({v.latents for v in dataset.entries}):  # another node, the folder not shared with it
+        print(f"latent cache: no cached moments in {cache.dir} on process {accelerator.process_index}: it encodes "
+              "its clean frames every step (give every node a --latent_cache folder on a shared disk to cache them)")
+        for v in dataset.entries:
+            v.latents = None
+        return
     if missing and not accelerator.is_main_process:
         print(f"latent cache: {len(missing)} videos have no cached moments on process {accelerator.process_index}; "
               "their clips are skipped")

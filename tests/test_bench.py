@@ -9,11 +9,12 @@ from tests.test_train_e2e import REPO
 def test_train_step_bench_tiny(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "bench/train_step.py", "--tiny", "--steps", "1", "--warmup", "0",
-                           "--configs", "s1-baseline,s1-default,s2-24GB", "--json", str(out), "--profile"],
+                           "--configs", "s1-baseline,s1-default,s2-24GB@20", "--json", str(out), "--profile"],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
-    assert [r["config"] for r in results] == ["s1-baseline", "s1-default", "s2-24GB"]
+    assert [r["config"] for r in results] == ["s1-baseline", "s1-default", "s2-24GB@20"]
+    assert results[2]["options"]["memory_cap_gib"] == 20  # name@GiB: that configuration's own cap
     for r in results:
         assert r["median_s"] > 0 and r["tflop_per_step"] > 0 and r["trainable_params_M"] > 0
     assert results[0]["trainable_params_M"] > results[2]["trainable_params_M"]  # stage 2 trains motion only

@@ -66,6 +66,8 @@ def test_cached_moments_are_the_encoders_and_drawn_latents_follow_them(assets, t
     assert LatentCache(tmp_path / "cache", 32, AutoencoderKL(**TINY_VAE)).dir != cache.dir
     vae.save_pretrained(tmp_path / "vae")
     assert LatentCache(tmp_path / "cache", 32, AutoencoderKL.from_pretrained(tmp_path / "vae")).dir == cache.dir
+    vae.encoder.to(memory_format=torch.channels_last)  # as a compiled run keeps it: the same VAE, the same folder
+    assert LatentCache(tmp_path / "cache", 32, vae).dir == cache.dir
 
 def test_training_run_builds_and_uses_the_cache(assets, tmp_path, monkeypatch):
     import train_DiffuEraser_stage1 as stage1
@@ -82,3 +84,29 @@ def test_training_run_builds_and_uses_the_cache(assets, tmp_path, monkeypatch):
     assert table.dtype == np.float16 and table.shape[1:] == (8, 8, 8)  # 64 px frames, 8 px latents
     weights = load_file(str(next((out / "unet_main").glob("*.safetensors"))))
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_cache_falls_back_to_encoding_where_it_cannot_serve(assets, tokenizer, tmp_path, capsys):
+    """The scripts turn the cache on: a run on video files goes without it (and says why), and a
+    process that finds none of the main process's files (another node's disk) encodes as before."""
+    from types import SimpleNamespace
+
+    from diffueraser.data import use_latent_cache
+    from tests.test_data_sources import write_csv, write_index_mp4
+
+    vae = AutoencoderKL(**TINY_VAE).eval()
+    cache = tmp_path / "cache"
+    write_index_mp4(tmp_path / "a.mp4", 12)
+    args = make_args(csv_file=write_csv(tmp_path / "m.csv", [("a.mp4", "x")]), resolution=16, latent_cache=cache)
+    files = FinetuneDataset(args, tokenizer)
+    main = dict(is_main_process=True, is_local_main_process=True, process_index=0, print=print,
+                wait_for_everyone=lambda: None)
+    use_latent_cache(args, SimpleNamespace(**main), files, vae)
+    assert "latent cache off" in capsys.readouterr().out
+    assert not cache.exists() and "pixel_values" in files[0]
+
+    args = make_args(davis_root=assets / "DAVIS", resolution=32, latent_cache=cache)
+    other = FinetuneDataset(args, tokenizer)
+    use_latent_cache(args, SimpleNamespace(**dict(main, is_main_process=False, process_index=1)), other, vae)
+    assert "no cached moments" in capsys.readouterr().out
+    assert all(v.latents is None for v in other.entries) and "pixel_values" in other[0]

@@ -370,7 +370,11 @@ def test_shell_scripts_pass_config_and_gpu_count_to_the_launcher(script, config,
            "DAVIS": "", "YTBV": "", "OUTPUT_DIR": str(tmp_path / "out"), "ACCELERATE_CONFIG": config, "NUM_PROCESSES": "3"}
     proc = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "args").read_text().startswith(f"launch --config_file {config} --num_processes 3 ")
+    launched = (tmp_path / "args").read_text()
+    assert launched.startswith(f"launch --config_file {config} --num_processes 3 ")
+    assert " --latent_cache latent_cache " in launched  # on by default, one folder for both stages
+    proc = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True, env=dict(env, LATENT_CACHE=""))
+    assert proc.returncode == 0 and "--latent_cache" not in (tmp_path / "args").read_text()
 
 
 def test_stage1_starts_from_a_converted_folder(assets, stage1_run, tmp_path):
