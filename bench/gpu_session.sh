@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # One device session's measurements, run detached and polled (a device call lasts at most 10 minutes):
 #
-#   setsid bash bench/gpu_session.sh OUT steps > OUT.log 2>&1 &   # ~20 min on an H200
+#   setsid bash bench/gpu_session.sh OUT steps > OUT.log 2>&1 &   # ~10 min on an H200 (warm compile cache: less)
 #   setsid bash bench/gpu_session.sh OUT smoke > OUT.log 2>&1 &   # ~25 min
-#   setsid bash bench/gpu_session.sh OUT preset > OUT.log 2>&1 &  # ~25 min (bitsandbytes among the wheels)
-#   setsid bash bench/gpu_session.sh OUT caps > OUT.log 2>&1 &    # ~15 min: the memory caps, three runs at once
-#   TINY=1 bash bench/gpu_session.sh OUT steps                      # the same glue on a CPU, tiny (minutes)
+#   setsid bash bench/gpu_session.sh OUT preset > OUT.log 2>&1 &  # ~10 min (bitsandbytes among the wheels)
+#   setsid bash bench/gpu_session.sh OUT caps > OUT.log 2>&1 &    # ~8 min: the 46 GiB cap, three runs at once
+#   TINY=1 bash bench/gpu_session.sh OUT MODE                       # the same glue on a CPU, tiny (minutes)
 #
-# steps: the GPU tests, then bench/train_step.py side by side in one process each: the default against
-#        --latent_cache (stage 1, stage 2), and the compiled 24 GB preset under a 22 GiB cap (both stages).
+# steps: bench/train_step.py in one process, alone on the GPU: the default, --latent_cache and the compiled
+#        24 GB preset, both stages (same-run ratios; each configuration's peak per phase in the JSON). With
+#        CACHE_FROM=DIR... it starts from those compile caches (a preset or caps run's), merged.
 # smoke: bench/gpu_e2e.py (both scripts, stop, resume, converters) under a 46 GiB cap with validation on,
 #        then stage-2 evaluation throughput on two 67-frame 480p videos (DAVIS val's mean length).
-# preset: bench/gpu_e2e.py with the 24 GB preset, compiled, under a 22 GiB cap, validation on.
+# preset: at once, each under a 22 GiB cap: stage 1 and stage 2 (from the base UNet) through the scripts with
+#        the 24 GB preset, compiled, validation and the latent cache on (their s/step are not clean: two
+#        processes share the GPU).
 # caps: at once on one GPU, each process capped (their peaks and GIFs hold; their s/step do not, three
 #        processes share the GPU): stage 1 and stage 2 (from the base UNet) through the scripts under a 46 GiB
 #        cap with validation, and bench/train_step.py's compiled 24 GB preset under a 22 GiB cap.
@@ -29,13 +32,14 @@ part() {  # part NAME COMMAND...: run, log, note the exit status
 echo "start $mode $(date -u +%H:%M:%S)" >> "$out/times"
 case $mode in
   steps)
-    [ -z "$tiny" ] && part gpu_tests python3 -m pytest -q tests/test_cuda_graph.py tests/test_update.py
-    part s1_cache python3 bench/train_step.py $tiny --configs s1-default,s1-latent_cache --json "$out/s1_cache.json"
-    part s2_cache python3 bench/train_step.py $tiny --configs s2-default,s2-latent_cache --json "$out/s2_cache.json"
-    if [ -z "$tiny" ]; then  # bitsandbytes: GPU only
-      part preset python3 bench/train_step.py --memory_cap_gib 22 --configs s1-24GB_compiled,s2-24GB_compiled \
-          --json "$out/preset.json"
-    fi ;;
+    configs=s1-default,s1-latent_cache,s1-24GB_compiled,s2-default,s2-latent_cache,s2-24GB_compiled
+    [ -n "$tiny" ] && configs=s1-default,s1-latent_cache,s2-default,s2-latent_cache  # bitsandbytes: GPU only
+    if [ -n "${CACHE_FROM:-}" ]; then  # content-addressed entries: merging caches is safe
+      mkdir -p "$out/compile_cache"
+      for c in $CACHE_FROM; do cp -a --no-clobber "$c"/. "$out/compile_cache"/ 2>/dev/null; done
+      export TORCHINDUCTOR_CACHE_DIR=$out/compile_cache
+    fi
+    part table python3 bench/train_step.py $tiny --configs $configs --json "$out/table.json" ;;
   smoke)
     if [ -z "$tiny" ]; then
       e2e=(--extra "--memory_cap_gib 46"); frames=67; size="(480, 854)"; small=()
@@ -48,9 +52,17 @@ w('$out/evaldata', videos=('v0', 'v1'), nframes=$frames, size=$size)"
     part eval python3 eval_DiffuEraser_stage2.py --weights "mine=$out/e2e/converted/stage2" \
         --base_model_name_or_path "$out/e2e/weights/sd" --videos "$out/evaldata/JPEGImages/480p" \
         --output_dir "$out/eval" "${small[@]}" ;;
-  preset)
-    part e2e python3 bench/gpu_e2e.py "$out/e2e" \
-        --extra "--memory_cap_gib 22 --gradient_checkpointing --use_8bit_adam --vae_batch_size 4" ;;
+  preset)  # at once, each capped; disk: one copy of the weights and data, no checkpoint kept
+    if [ -z "$tiny" ]; then
+      p=(--extra "--memory_cap_gib 22 --gradient_checkpointing --vae_batch_size 4"); p1=(--extra1=--use_8bit_adam)
+    else
+      p=(--tiny --extra "--gradient_checkpointing --vae_batch_size 4"); p1=()
+    fi
+    part assets python3 -c "import sys; sys.path.insert(0, 'bench'); import gpu_e2e; gpu_e2e.write_assets('$out/assets', '$tiny' != '')"
+    for d in s1 s2; do mkdir -p "$out/$d"; ln -sfn "$out/assets/weights" "$out/$d/weights"; ln -sfn "$out/assets/data" "$out/$d/data"; done
+    part e2e_s1 python3 bench/gpu_e2e.py "$out/s1" --stage1_only --no_stop --no_convert "${p[@]}" "${p1[@]}" &
+    part e2e_s2 python3 bench/gpu_e2e.py "$out/s2" --stage2_only --no_convert "${p[@]}" &
+    wait ;;
   caps)  # three processes on one GPU, each capped; disk: ~56 GB at peak (one copy of the weights and data)
     if [ -z "$tiny" ]; then cap46=(--extra "--memory_cap_gib 46"); else cap46=(--tiny --compile 0); fi
     part assets python3 -c "import sys; sys.path.insert(0, 'bench'); import gpu_e2e; gpu_e2e.write_assets('$out/assets', '$tiny' != '')"
