@@ -20,8 +20,15 @@ def scan_data(args, num_processes=1):
 
 
 def make_dataloader(args, tokenizer, scan=None):
+    import cv2
+
     from dataset.finetune_dataset import FinetuneDataset
 
+    if args.dataloader_num_workers > 0:
+        # This process forks the workers: OpenCV's thread pool, once started here (the latent cache's
+        # build resizes frames), would be inherited without its threads, and a worker's first OpenCV
+        # call would wait for them forever (the first full-size run with the cache hung so).
+        cv2.setNumThreads(1)
     dataset = FinetuneDataset(args, tokenizer, scan)
     # Its own generator: starting the loader (every epoch without workers, again on resume) would
     # otherwise draw its workers' base seed from the global RNG, which the training step draws from.

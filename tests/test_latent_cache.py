@@ -110,3 +110,42 @@ def test_cache_falls_back_to_encoding_where_it_cannot_serve(assets, tokenizer, t
     use_latent_cache(args, SimpleNamespace(**dict(main, is_main_process=False, process_index=1)), other, vae)
     assert "no cached moments" in capsys.readouterr().out
     assert all(v.latents is None for v in other.entries) and "pixel_values" in other[0]
+
+
+LOADER_AFTER_BUILD = """
+import sys, torch
+from diffusers import AutoencoderKL
+from dataset.latent_cache import LatentCache
+from diffueraser.data import make_dataloader
+from diffueraser.tiny import TINY_VAE, write_synthetic_davis
+from tests.test_dataset import make_args
+from diffueraser.tiny import tiny_tokenizer
+root = sys.argv[1]
+write_synthetic_davis(root + "/DAVIS", videos=("bear",), nframes=12, size=(480, 854))
+args = make_args(davis_root=root + "/DAVIS", nframes=10, resolution=512, dataloader_num_workers=2, train_batch_size=1)
+loader = make_dataloader(args, tiny_tokenizer(root + "/tok"))  # as the trainer: the loader, then the build
+vae = AutoencoderKL(**TINY_VAE).eval()
+LatentCache(root + "/cache", 512, vae).attach(loader.dataset.entries).build(loader.dataset.entries, vae, show=False)
+batch = next(iter(loader))
+print("batch", sorted(batch))
+"""
+
+
+def test_loader_workers_start_after_a_full_size_build(tmp_path):
+    """The build resizes 480p frames with OpenCV, whose thread pool a forked worker inherits without
+    its threads: the first full-size run with the cache hung in every worker until the loader's
+    process stopped starting that pool."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_train_e2e import REPO
+
+    proc = subprocess.Popen([sys.executable, "-c", LOADER_AFTER_BUILD, str(tmp_path)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the loader's workers hung after the latent cache's build")
+    assert proc.returncode == 0 and "batch ['conditioning_pixel_values', 'input_ids', 'latent_moments', 'masks']" in out, out
