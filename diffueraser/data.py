@@ -56,11 +56,11 @@ def use_latent_cache(args, accelerator, dataset, vae):
     if not args.latent_cache:
         return
     files = [v for v in dataset.entries if v.frames is None]
-    if files:  # the scripts turn the cache on: a run on video files trains as before, without it
+    if files:  # LATENT_CACHE set for both stages, then a CSV of videos added: train as before, without it
         v = files[0]
         accelerator.print(f"latent cache off: it covers frame folders only, and {len({id(f) for f in files})} "
                           f"videos are files (e.g. {v.source} video {v.name}: {v.path}); extract their frames "
-                          "(--frames_root) to use it, or LATENT_CACHE= in the scripts to silence this")
+                          "(--frames_root) to use it, or leave LATENT_CACHE empty")
         return
     cache = LatentCache(args.latent_cache, args.resolution, vae).attach(dataset.entries)
     if accelerator.is_main_process:

@@ -87,7 +87,7 @@ def test_training_run_builds_and_uses_the_cache(assets, tmp_path, monkeypatch):
 
 
 def test_cache_falls_back_to_encoding_where_it_cannot_serve(assets, tokenizer, tmp_path, capsys):
-    """The scripts turn the cache on: a run on video files goes without it (and says why), and a
+    """A run on video files goes without the cache and says why (LATENT_CACHE may be set for every run), and a
     process that finds none of the main process's files (another node's disk) encodes as before."""
     from types import SimpleNamespace
 
