@@ -7,9 +7,10 @@ Writes random weights (text encoder, VAE, UNet, motion adapter, a tokenizer that
 download) and a synthetic DAVIS (480p) / YouTube-VOS (720p) tree, then runs, each through its
 shell script or converter exactly as train.md says:
 
-  finetune_stage1.sh  (validation on, 4 loader workers, the latent cache in OUT/latent_cache) -> SIGTERM after a few steps (must save
-  and exit 0) -> finetune_stage1.sh again (resumes from `latest`, torch's default compile cache
-  deleted first, as on a fresh machine: only the run's own compile_cache is left)
+  finetune_stage1.sh  (validation on, 4 loader workers, LATENT_CACHE=OUT/latent_cache unless set)
+  -> SIGTERM after a few steps (must save and exit 0) -> finetune_stage1.sh again (resumes from
+  `latest`, torch's default compile cache deleted first, as on a fresh machine: only the run's
+  own compile_cache is left)
   -> save_checkpoint_stage1.py -> finetune_stage2.sh -> save_checkpoint_stage2.py
 
 and prints: time to the first step (fresh and on resume), s/step through the scripts, peak GPU

@@ -148,4 +148,5 @@ def test_loader_workers_start_after_a_full_size_build(tmp_path):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError("the loader's workers hung after the latent cache's build")
-    assert proc.returncode == 0 and "batch ['conditioning_pixel_values', 'input_ids', 'latent_moments', 'masks']" in out, out
+    assert proc.returncode == 0, out
+    assert "batch ['conditioning_pixel_values', 'input_ids', 'latent_moments', 'masks']" in out
