@@ -17,7 +17,8 @@
 #        processes share the GPU).
 # caps: at once on one GPU, each process capped (their peaks and GIFs hold; their s/step do not, three
 #        processes share the GPU): stage 1 and stage 2 (from the base UNet) through the scripts under a 46 GiB
-#        cap with validation, and bench/train_step.py's compiled 24 GB preset under a 22 GiB cap.
+#        cap with validation, and bench/train_step.py's compiled 24 GB preset under a 22 GiB cap (its eager
+#        FLOP count runs uncapped).
 # OUT/times says when each part ended and its exit status; each part's output is OUT/<part>.log.
 set -u
 out=$(realpath -m "$1"); mode=$2
@@ -29,6 +30,15 @@ part() {  # part NAME COMMAND...: run, log, note the exit status
     "$@" > "$out/$name.log" 2>&1
     echo "$name rc=$? $(date -u +%H:%M:%S)" >> "$out/times"
 }
+shared_assets() {  # one copy of the weights and data, linked into OUT/s1 and OUT/s2
+    part assets python3 -c "import sys; sys.path.insert(0, 'bench'); import gpu_e2e
+gpu_e2e.write_assets('$out/assets', '$tiny' != '')"
+    for d in s1 s2; do
+        mkdir -p "$out/$d"
+        ln -sfn "$out/assets/weights" "$out/$d/weights"
+        ln -sfn "$out/assets/data" "$out/$d/data"
+    done
+}
 echo "start $mode $(date -u +%H:%M:%S)" >> "$out/times"
 case $mode in
   steps)
@@ -36,7 +46,10 @@ case $mode in
     [ -n "$tiny" ] && configs=s1-default,s1-latent_cache,s2-default,s2-latent_cache  # bitsandbytes: GPU only
     if [ -n "${CACHE_FROM:-}" ]; then  # content-addressed entries: merging caches is safe
       mkdir -p "$out/compile_cache"
-      for c in $CACHE_FROM; do cp -a --no-clobber "$c"/. "$out/compile_cache"/ 2>/dev/null; done
+      for c in $CACHE_FROM; do  # a missing one only costs a cold compile: say so
+        if [ -d "$c" ]; then cp -a --no-clobber "$c"/. "$out/compile_cache"/
+        else echo "CACHE_FROM: no folder $c" >&2; fi
+      done
       export TORCHINDUCTOR_CACHE_DIR=$out/compile_cache
     fi
     part table python3 bench/train_step.py $tiny --configs $configs --json "$out/table.json" ;;
@@ -54,19 +67,18 @@ w('$out/evaldata', videos=('v0', 'v1'), nframes=$frames, size=$size)"
         --output_dir "$out/eval" "${small[@]}" ;;
   preset)  # at once, each capped; disk: one copy of the weights and data, no checkpoint kept
     if [ -z "$tiny" ]; then
-      p=(--extra "--memory_cap_gib 22 --gradient_checkpointing --vae_batch_size 4"); p1=(--extra1=--use_8bit_adam)
+      p=(--latent_cache --extra "--memory_cap_gib 22 --gradient_checkpointing --vae_batch_size 4")
+      p1=(--extra1=--use_8bit_adam)
     else
-      p=(--tiny --extra "--gradient_checkpointing --vae_batch_size 4"); p1=()
+      p=(--tiny --latent_cache --extra "--gradient_checkpointing --vae_batch_size 4"); p1=()
     fi
-    part assets python3 -c "import sys; sys.path.insert(0, 'bench'); import gpu_e2e; gpu_e2e.write_assets('$out/assets', '$tiny' != '')"
-    for d in s1 s2; do mkdir -p "$out/$d"; ln -sfn "$out/assets/weights" "$out/$d/weights"; ln -sfn "$out/assets/data" "$out/$d/data"; done
+    shared_assets
     part e2e_s1 python3 bench/gpu_e2e.py "$out/s1" --stage1_only --no_stop --no_convert "${p[@]}" "${p1[@]}" &
     part e2e_s2 python3 bench/gpu_e2e.py "$out/s2" --stage2_only --no_convert "${p[@]}" &
     wait ;;
   caps)  # three processes on one GPU, each capped; disk: ~56 GB at peak (one copy of the weights and data)
     if [ -z "$tiny" ]; then cap46=(--extra "--memory_cap_gib 46"); else cap46=(--tiny --compile 0); fi
-    part assets python3 -c "import sys; sys.path.insert(0, 'bench'); import gpu_e2e; gpu_e2e.write_assets('$out/assets', '$tiny' != '')"
-    for d in s1 s2; do mkdir -p "$out/$d"; ln -sfn "$out/assets/weights" "$out/$d/weights"; ln -sfn "$out/assets/data" "$out/$d/data"; done
+    shared_assets
     part e2e_s1 python3 bench/gpu_e2e.py "$out/s1" --stage1_only --no_stop --no_convert "${cap46[@]}" &
     part e2e_s2 python3 bench/gpu_e2e.py "$out/s2" --stage2_only --no_convert "${cap46[@]}" &
     [ -z "$tiny" ] && part preset python3 bench/train_step.py --memory_cap_gib 22 \

@@ -239,6 +239,7 @@ def run_config(name, stage, opts, args, accelerator, where=None):
         steady = [peaks["the timed steps"]] + [v for k, v in peaks.items() if "(the capture)" in k]
         result.update(peak_allocated_gib=max(a for a, _ in steady), peak_reserved_gib=max(r for _, r in steady),
                       memory_cap_gib=cap, phase_peaks_gib=peaks)
+    where["phase"] = "profiling"
     if args.profile and not graph:  # a replay runs no hooks: a graphed step has no phases
         result["phases_ms"] = phase_times(step, vae, dict(brushnet=brushnet, unet=unet), cuda)
     if args.kernel_table and cuda:
@@ -372,6 +373,15 @@ def main(argv=None):
     cuda = torch.cuda.is_available() and not args.tiny
     accelerator = Accelerator(mixed_precision=args.mixed_precision or ("fp16" if cuda else "no"), cpu=not cuda)
     names = args.configs.split(",") if args.configs else [n for n in CONFIGS if not (args.tiny and ("compile" in n or "graph" in n))]  # CPU: no compile, no graphs
+    for name in names:  # every name checked before the first configuration runs
+        base, at, cap = name.partition("@")
+        if base not in CONFIGS:
+            parser.error(f"--configs: no configuration {base!r}; there are: {', '.join(CONFIGS)}")
+        try:
+            if at and not float(cap) > 0:
+                raise ValueError
+        except ValueError:
+            parser.error(f"--configs: {name!r}: after @ comes a memory cap in GiB above 0, e.g. {base}@22")
     peak = matmul_peak_tflops(accelerator.device) if cuda else None
     results = []
     for name in names:
@@ -388,10 +398,10 @@ def main(argv=None):
         try:
             r = run_config(name, stage, opts, args, accelerator, where)
         except torch.cuda.OutOfMemoryError as e:
-            where.get("peaks", {})[where["phase"]] = [round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                                                      round(torch.cuda.max_memory_reserved() / 2**30, 2)]
+            where.setdefault("peaks", {})[where["phase"]] = [round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                                                             round(torch.cuda.max_memory_reserved() / 2**30, 2)]
             r = dict(config=name, stage=stage, options=opts, error=f"out of memory in {where['phase']}: {str(e)[:200]}",
-                     phase_peaks_gib=where.get("peaks"))
+                     phase_peaks_gib=where["peaks"])
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.set_per_process_memory_fraction(1.0)

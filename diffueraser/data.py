@@ -73,7 +73,8 @@ def use_latent_cache(args, accelerator, dataset, vae):
     missing = LatentCache.missing(dataset.entries)  # every process: is the cache folder shared with it?
     if len(missing) == len({v.latents for v in dataset.entries}):  # another node, the folder not shared with it
         print(f"latent cache: no cached moments in {cache.dir} on process {accelerator.process_index}: it encodes "
-              "its clean frames every step (give every node a --latent_cache folder on a shared disk to cache them)")
+              "its clean frames every step, as without the cache (more time and GPU memory than the others; give "
+              "every node a --latent_cache folder on a shared disk)")
         for v in dataset.entries:
             v.latents = None
         return

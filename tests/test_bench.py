@@ -34,3 +34,15 @@ def test_vae_encode_bench_tiny(tmp_path):
     r = json.loads(out.read_text())
     assert r["norm_native_ms"] > 0 and r["encoder_by_channel_ms"] > 0
     assert r["norm_max_abs_diff"] < 1e-4 and r["encoder_max_abs_diff"] < 1e-4  # same numbers, fp32 on CPU
+
+
+def test_train_step_bench_names_a_bad_configuration_before_running_any(capsys):
+    import pytest
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import train_step
+
+    for bad, says in (("s1-default,nope", "no configuration 'nope'"), ("s1-default@22GiB", "memory cap in GiB")):
+        with pytest.raises(SystemExit):
+            train_step.main(["--tiny", "--configs", bad])
+        assert says in capsys.readouterr().err
