@@ -90,6 +90,10 @@ def run_script(script, env, extra, log, stop_after=None, timeout=3600):
         text = read_from(log, offset)
         if first is None and "first step done" in text:
             first = time.time() - start
+        if "Timeout (" in text:  # the trainer's stall watch fired: its stacks are in the log; end it now
+            print(f"  stalled: no step for --stall_dump_minutes, every thread's stack in {log}", flush=True)
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
         if stop_after is not None and steps_done(text) >= stop_after:
             proc.send_signal(signal.SIGTERM)
             stop_after = None
@@ -234,6 +238,8 @@ def main(argv=None):
     common = ["--checkpoints_total_limit", "1", "--checkpointing_steps", "1000"]
     if args.tiny:
         common += ["--resolution", "32", "--validation_inference_steps", "2"]
+    else:  # a hang shows its stacks and ends the run after 8 minutes (a first step compiles for ~5)
+        common += ["--stall_dump_minutes", "8"]
     if args.compile is not None:
         common += ["--compile", str(args.compile)]
     common += args.extra.split()

@@ -138,6 +138,9 @@ def add_run_args(parser, output_dir_default):
     g.add_argument("--validation_steps", type=int, default=2000, help="Validate every N steps (and at the start).")
     g.add_argument("--num_validation_frames", type=int, default=None, help="Frames per validation clip (--nframes).")
     g.add_argument("--validation_inference_steps", type=int, default=20, help="Sampler steps for validation.")
+    g.add_argument("--stall_dump_minutes", type=float, default=20,
+                   help="No step for this long (the first one compiles for minutes): every thread's stack goes to "
+                        "the log once, to show where a hung run waits (0: never).")
 
 
 def add_compat_args(parser):

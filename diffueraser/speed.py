@@ -5,8 +5,10 @@ None of it changes what a step computes beyond rounding: the choices between com
 (`--cuda_graph`), norms that keep the activations' layout or dtype (`--vae_channel_norm`,
 `--fast_norms`), memory format and attention backend (`--channels_last`, xformers), and the
 gradient clip folded into the fused AdamW (`--fold_clip`). At the end, what the run reports
-about its speed: steps/s and data wait per step (StepClock), timings, peak memory.
+about its speed: steps/s and data wait per step (StepClock, which also dumps the stacks of a run
+that stalls), timings, peak memory.
 """
+import faulthandler
 import gc
 import os
 import time
@@ -347,17 +349,35 @@ def read_later(t):
 # ----------------------------------------------------------------------------- what the run reports about its speed
 class StepClock:
     """Steps per second, and seconds of each step spent waiting for data: from the end of one
-    micro-batch (or of the last step's checkpoint and validation) to the next batch in hand."""
+    micro-batch (or of the last step's checkpoint and validation) to the next batch in hand.
 
-    def __init__(self):
+    And a stall watch: `stall_s` seconds without a batch in hand or a step ended, every thread's
+    Python stack is written to stderr (the run's log) once, by faulthandler's own thread, which
+    needs no interpreter lock (a hang in C code still gets its stacks). A loader that stopped
+    delivering shows the main thread in `_try_get_data`; a collective that never returns, in
+    the step. Re-armed by every call; `stop()` disarms it."""
+
+    def __init__(self, stall_s=0):
+        self.stall_s = stall_s
         self.mark, self.started, self.waited = time.time(), None, 0.0
+        self.watch()
+
+    def watch(self):
+        if self.stall_s > 0:
+            faulthandler.dump_traceback_later(self.stall_s, exit=False)
+
+    def stop(self):
+        if self.stall_s > 0:
+            faulthandler.cancel_dump_traceback_later()
 
     def batch_in_hand(self):
         now = time.time()
         self.started, self.waited = self.started or self.mark, self.waited + now - self.mark
+        self.watch()
 
     def restart(self):
         self.mark = time.time()
+        self.watch()
 
     def step_logs(self):
         """{"steps_per_s", "data_wait_s"} of the update just made; the next one starts now."""

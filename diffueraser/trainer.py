@@ -366,46 +366,49 @@ def train(args, stage):
     position = [epoch, skip]  # batches read, saved with each checkpoint: the resume point
     stop.training = True  # from here a stop saves a checkpoint after the current step
     loop_start = time.time()
-    clock = speed.StepClock()
-    while state["step"] < args.max_train_steps:  # skipped (non-finite) updates do not count as steps
-        start_epoch(dataloader, epoch)
-        batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-        position, skip = [epoch, skip], 0
-        for batch in batches:
-            clock.batch_in_hand()
-            position[1] += 1
-            batch = dict(batch, text_embeds=embed_text(batch["input_ids"]))  # outside the graph: host-side cache
-            with accelerator.accumulate(*trained):
-                loss = step_fn(batch)
-                made = update(accelerator, args, state, loss, params, optimizer, lr_scheduler)
-            if not made:
-                clock.restart()
-                continue
-            progress.update(1)
-            if state["step"] == global_step + 1:
-                accelerator.print(f"first step done {time.time() - START:.0f} s after start, "
-                                  f"{time.time() - loop_start:.0f} s of it in the step (compiling included)")
-            logs = {"loss": state["loss"], "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(**logs)
-            # unreadable clips replaced so far (all workers); updates skipped so far
-            logs.update(clock.step_logs(), skipped_clips=dataset.skipped_count, skipped_updates=state["skipped"])
-            logs.update({k: state[k] for k in ("grad_norm", "loss_scale") if state[k] is not None})
-            accelerator.log(logs, step=state["step"])
-            stopping = stop.agreed(accelerator)
-            if state["step"] % args.checkpointing_steps == 0 or stopping:
-                checkpoint(state["step"])
-            if validate and state["step"] % args.validation_steps == 0:
-                validate(accelerator, models, state["step"])
-            if stopping:
-                progress.close()
-                speed.report_peak_memory(accelerator)
-                accelerator.end_training()
-                accelerator.print(f"stopped at step {state['step']}; resume with --resume_from_checkpoint latest")
-                return state["step"]
-            clock.restart()  # checkpoint and validation time is no data wait
-            if state["step"] >= args.max_train_steps:
-                break
-        epoch += 1
+    clock = speed.StepClock(args.stall_dump_minutes * 60)
+    try:  # the stall watch ends with the loop, however it ends
+        while state["step"] < args.max_train_steps:  # skipped (non-finite) updates do not count as steps
+            start_epoch(dataloader, epoch)
+            batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+            position, skip = [epoch, skip], 0
+            for batch in batches:
+                clock.batch_in_hand()
+                position[1] += 1
+                batch = dict(batch, text_embeds=embed_text(batch["input_ids"]))  # outside the graph: host-side cache
+                with accelerator.accumulate(*trained):
+                    loss = step_fn(batch)
+                    made = update(accelerator, args, state, loss, params, optimizer, lr_scheduler)
+                if not made:
+                    clock.restart()
+                    continue
+                progress.update(1)
+                if state["step"] == global_step + 1:
+                    accelerator.print(f"first step done {time.time() - START:.0f} s after start, "
+                                      f"{time.time() - loop_start:.0f} s of it in the step (compiling included)")
+                logs = {"loss": state["loss"], "lr": lr_scheduler.get_last_lr()[0]}
+                progress.set_postfix(**logs)
+                # unreadable clips replaced so far (all workers); updates skipped so far
+                logs.update(clock.step_logs(), skipped_clips=dataset.skipped_count, skipped_updates=state["skipped"])
+                logs.update({k: state[k] for k in ("grad_norm", "loss_scale") if state[k] is not None})
+                accelerator.log(logs, step=state["step"])
+                stopping = stop.agreed(accelerator)
+                if state["step"] % args.checkpointing_steps == 0 or stopping:
+                    checkpoint(state["step"])
+                if validate and state["step"] % args.validation_steps == 0:
+                    validate(accelerator, models, state["step"])
+                if stopping:
+                    progress.close()
+                    speed.report_peak_memory(accelerator)
+                    accelerator.end_training()
+                    accelerator.print(f"stopped at step {state['step']}; resume with --resume_from_checkpoint latest")
+                    return state["step"]
+                clock.restart()  # checkpoint and validation time is no data wait
+                if state["step"] >= args.max_train_steps:
+                    break
+            epoch += 1
+    finally:
+        clock.stop()
     global_step = state["step"]
     progress.close()
     if dataset.skipped_count:

@@ -308,7 +308,7 @@ def test_converters_refuse_partial_truncated_and_other_stage_checkpoints(stage1_
 
 
 @pytest.mark.parametrize("extra", [
-    {"train_batch_size": 2, "gradient_accumulation_steps": 2, "mixed_precision": "no"},
+    {"train_batch_size": 2, "gradient_accumulation_steps": 2, "mixed_precision": "no", "stall_dump_minutes": 1e-4},
     {"mixed_precision": "bf16", "gradient_checkpointing": True, "report_to": "tensorboard"},
 ])
 def test_batch_accumulation_and_precision(assets, tmp_path, extra):
@@ -324,6 +324,8 @@ def test_batch_accumulation_and_precision(assets, tmp_path, extra):
         assert (tmp_path / "logs" / "samples" / f"sample-{step}" / "bear.gif").is_file(), proc.stderr[-3000:]
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert all(info[k] == v for k, v in extra.items()), proc.stdout
+    # 6 ms without a step counts as a stall here: the trainer's stacks reach the log (stderr)
+    assert ("Timeout (" in proc.stderr and "diffueraser/trainer.py" in proc.stderr) == ("stall_dump_minutes" in extra)
     if extra.get("report_to") == "tensorboard":  # what a user looks at when a run goes wrong, one value per step
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -375,6 +377,29 @@ def test_shell_scripts_pass_config_and_gpu_count_to_the_launcher(script, config,
     assert "--latent_cache" not in launched  # off unless LATENT_CACHE names a folder
     proc = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True, env=dict(env, LATENT_CACHE="lc"))
     assert proc.returncode == 0 and " --latent_cache lc " in (tmp_path / "args").read_text()
+
+
+STALLED = """
+import time
+from diffueraser.speed import StepClock
+
+def waiting_for_a_batch():
+    time.sleep(1.5)
+
+clock = StepClock(0.5)
+for _ in range(6):  # every call re-arms the watch: steps 0.2 s apart are no stall
+    time.sleep(0.2)
+    clock.restart()
+waiting_for_a_batch()
+clock.stop()
+time.sleep(1)  # stopped: no second dump
+"""
+
+
+def test_a_stalled_run_writes_its_stacks_once():
+    proc = subprocess.run([sys.executable, "-c", STALLED], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr.count("Timeout (0:00:00.500000)!") == 1, proc.stderr
+    assert "waiting_for_a_batch" in proc.stderr  # the dump came from the stall, not from the steady steps
 
 
 def test_stage1_starts_from_a_converted_folder(assets, stage1_run, tmp_path):
