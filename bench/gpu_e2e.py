@@ -76,10 +76,31 @@ class Report:
         print("\nall steps passed" if not self.failures else "\nFAILED:\n" + "\n".join(f"- {f}" for f in self.failures))
 
 
-def run_script(script, env, extra, log, stop_after=None, timeout=3600):
+STALL = re.compile(r"^Timeout \(\d+:\d\d:\d\d(\.\d+)?\)!$", re.M)  # faulthandler's header: the trainer's stall watch
+
+
+def kill_tree(proc):
+    """SIGKILL a script and everything it started: run_logged.sh puts the launcher in a session of
+    its own, so the script's process group does not hold the trainers."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.kill()
+
+
+def run_script(script, env, extra, log, report, stop_after=None, timeout=3600):
     """Run a finetune script; returns (exit code, seconds to the first step, seconds in all).
 
-    stop_after: send SIGTERM to the script once the log shows that many finished steps.
+    stop_after: send SIGTERM to the script once the log shows that many finished steps. A run whose
+    stall watch fires (its stacks in the log) or that outlives `timeout` is killed and fails the report.
     """
     start = time.time()
     proc = subprocess.Popen(["bash", os.path.join(REPO, script), *extra], cwd=REPO, env=env,
@@ -90,16 +111,17 @@ def run_script(script, env, extra, log, stop_after=None, timeout=3600):
         text = read_from(log, offset)
         if first is None and "first step done" in text:
             first = time.time() - start
-        if "Timeout (" in text:  # the trainer's stall watch fired: its stacks are in the log; end it now
-            print(f"  stalled: no step for --stall_dump_minutes, every thread's stack in {log}", flush=True)
-            os.killpg(proc.pid, signal.SIGKILL)
+        if STALL.search(text):  # the trainer's stall watch fired: its stacks are in the log; end it now
+            report.fail(f"{script} stalled: no step for --stall_dump_minutes; every thread's stack is in {log}")
             break
         if stop_after is not None and steps_done(text) >= stop_after:
             proc.send_signal(signal.SIGTERM)
             stop_after = None
         time.sleep(0.5)
     if proc.poll() is None:
-        proc.kill()
+        if time.time() - start >= timeout:
+            report.fail(f"{script} still running after {timeout} s: killed")
+        kill_tree(proc)
     code = proc.wait()
     if first is None and "first step done" in read_from(log, offset):
         first = time.time() - start
@@ -253,7 +275,7 @@ def main(argv=None):
               "--validation_steps", str(plan["val1"]), *args.extra1.split()]
     if args.tiny and args.compile is None:  # the GPU default, compiled, on a CPU: stage 1 only (minutes)
         flags1 += ["--compile", "1"]
-    code, first, secs = run_script("finetune_stage1.sh", dict(env, OUTPUT_DIR=stage1), flags1, log1,
+    code, first, secs = run_script("finetune_stage1.sh", dict(env, OUTPUT_DIR=stage1), flags1, log1, report,
                                    stop_after=None if args.no_stop else plan["stop_after"])
     report.add("stage 1 fresh: time to the first step through the script, s", f"{first or float('nan'):.0f}")
     if args.no_stop:
@@ -266,7 +288,7 @@ def main(argv=None):
         if not args.tiny:  # on a shared CPU (the tests) other processes may be using torch's default cache
             fresh_compile_caches()
         offset = os.path.getsize(log1)
-        code, first, secs = run_script("finetune_stage1.sh", dict(env, OUTPUT_DIR=stage1), flags1, log1)
+        code, first, secs = run_script("finetune_stage1.sh", dict(env, OUTPUT_DIR=stage1), flags1, log1, report)
         report.add("stage 1 resume: time to the first step through the script, s", f"{first or float('nan'):.0f}")
         if code != 0 or "resuming from" not in read_from(log1, offset):
             report.fail(f"stage 1: the resumed run exited {code} or did not resume")
@@ -301,7 +323,7 @@ def run_stage2(args, report, env, common, plan, stage2, converted2, start):
     log2 = os.path.join(stage2, "train_stage2.log")
     flags2 = [*common, "--nframes", "4" if args.tiny else "22", "--max_train_steps", str(plan["steps2"]),
               "--validation_steps", "1000"]
-    code, first, secs = run_script("finetune_stage2.sh", dict(env, OUTPUT_DIR=stage2), flags2, log2)
+    code, first, secs = run_script("finetune_stage2.sh", dict(env, OUTPUT_DIR=stage2), flags2, log2, report)
     report.add("stage 2 fresh: time to the first step through the script, s", f"{first or float('nan'):.0f}")
     if code != 0:
         report.fail(f"stage 2 exited {code}")

@@ -211,6 +211,8 @@ def check_args(args):
                  "validation_steps"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag}: {getattr(args, flag)} must be at least 1")
+    if not 0 <= args.stall_dump_minutes < 1e6:  # faulthandler takes seconds below ~2**63 ns
+        raise SystemExit(f"--stall_dump_minutes: {args.stall_dump_minutes} must be 0 (never) or a number of minutes")
     check_optimizer_args(args)
     check_mixed_precision(args.mixed_precision)
     check_resume(args.resume_from_checkpoint, args.output_dir)

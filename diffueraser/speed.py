@@ -355,7 +355,9 @@ class StepClock:
     Python stack is written to stderr (the run's log) once, by faulthandler's own thread, which
     needs no interpreter lock (a hang in C code still gets its stacks). A loader that stopped
     delivering shows the main thread in `_try_get_data`; a collective that never returns, in
-    the step. Re-armed by every call; `stop()` disarms it."""
+    the step. Re-armed by every call; `stop()` disarms it. Dumps show the calling process's
+    threads only (a loader worker's stack needs py-spy); with several processes, each dumps its own.
+    A process forked while it is armed must leave through os._exit, as loader workers do."""
 
     def __init__(self, stall_s=0):
         self.stall_s = stall_s
@@ -364,7 +366,10 @@ class StepClock:
 
     def watch(self):
         if self.stall_s > 0:
-            faulthandler.dump_traceback_later(self.stall_s, exit=False)
+            try:
+                faulthandler.dump_traceback_later(self.stall_s, exit=False)
+            except (ValueError, OSError):  # stderr without a file descriptor (captured in-process): no watch
+                self.stall_s = 0
 
     def stop(self):
         if self.stall_s > 0:

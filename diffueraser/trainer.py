@@ -367,7 +367,7 @@ def train(args, stage):
     stop.training = True  # from here a stop saves a checkpoint after the current step
     loop_start = time.time()
     clock = speed.StepClock(args.stall_dump_minutes * 60)
-    try:  # the stall watch ends with the loop, however it ends
+    try:  # the stall watch ends with the run, however it ends
         while state["step"] < args.max_train_steps:  # skipped (non-finite) updates do not count as steps
             start_epoch(dataloader, epoch)
             batches = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
@@ -407,23 +407,23 @@ def train(args, stage):
                 if state["step"] >= args.max_train_steps:
                     break
             epoch += 1
+        global_step = state["step"]
+        progress.close()
+        if dataset.skipped_count:
+            accelerator.print(f"data: {dataset.skipped_count} clips could not be read and were replaced by others "
+                              f"({dataset.skipped_videos} videos skipped at the scan)")
+        accelerator.wait_for_everyone()
+        if global_step % args.checkpointing_steps:
+            checkpoint(global_step)
+        if validate and global_step % args.validation_steps:  # every run ends with a picture of its weights
+            validate(accelerator, models, global_step)
+        speed.report_peak_memory(accelerator)
+        if accelerator.is_main_process:
+            save_final_models(accelerator, unet, brushnet, args.output_dir, sources)
+        accelerator.end_training()
+        return global_step
     finally:
         clock.stop()
-    global_step = state["step"]
-    progress.close()
-    if dataset.skipped_count:
-        accelerator.print(f"data: {dataset.skipped_count} clips could not be read and were replaced by others "
-                          f"({dataset.skipped_videos} videos skipped at the scan)")
-    accelerator.wait_for_everyone()
-    if global_step % args.checkpointing_steps:
-        checkpoint(global_step)
-    if validate and global_step % args.validation_steps:  # every run ends with a picture of its weights
-        validate(accelerator, models, global_step)
-    speed.report_peak_memory(accelerator)
-    if accelerator.is_main_process:
-        save_final_models(accelerator, unet, brushnet, args.output_dir, sources)
-    accelerator.end_training()
-    return global_step
 
 
 # ----------------------------------------------------------------------------- checkpoints and the final save

@@ -27,8 +27,9 @@ def refusal(argv):
 
 
 @pytest.mark.parametrize("flag, value", [("learning_rate", "-1"), ("adam_beta2", "1.0"), ("adam_epsilon", "-0.5"),
-                                         ("adam_weight_decay", "-0.1"), ("learning_rate", "nan")])
-def test_invalid_optimizer_values(base, flag, value):
+                                         ("adam_weight_decay", "-0.1"), ("learning_rate", "nan"),
+                                         ("stall_dump_minutes", "-1"), ("stall_dump_minutes", "inf")])
+def test_invalid_values(base, flag, value):
     assert refusal(base + [f"--{flag}", value]).startswith(f"--{flag}: {value}")
 
 

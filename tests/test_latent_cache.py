@@ -71,13 +71,27 @@ def test_cached_moments_are_the_encoders_and_drawn_latents_follow_them(assets, t
 
 def test_training_run_builds_and_uses_the_cache(assets, tmp_path, monkeypatch):
     import train_DiffuEraser_stage1 as stage1
-    from diffueraser import trainer
+    from diffueraser import speed, trainer
+
+    clocks = []  # and the stall watch: armed with --stall_dump_minutes while the run lasts, then stopped
+
+    class Clock(speed.StepClock):
+        def __init__(self, stall_s):
+            super().__init__(stall_s)
+            clocks.append(self)
+
+        def stop(self):
+            self.stopped = True
+            super().stop()
+    monkeypatch.setattr(speed, "StepClock", Clock)
 
     drawn = []  # every step's clean latents come from the loader's moments (a worker process reads them)
     monkeypatch.setattr(trainer, "sample_latents", lambda m, *a: drawn.append(m.shape) or sample_latents(m, *a))
     out, cache = tmp_path / "run", tmp_path / "cache"
-    stage1.main([str(a) for a in flags(assets, out, 2, compile=0, dataloader_num_workers=1, latent_cache=cache)])
+    stage1.main([str(a) for a in flags(assets, out, 2, compile=0, dataloader_num_workers=1, latent_cache=cache,
+                                       stall_dump_minutes=0.5)])
     assert drawn == [(2, 8, 8, 8)] * 2  # 2 steps of 2 frames
+    assert len(clocks) == 1 and clocks[0].stall_s == 30 and clocks[0].stopped
     files = [f for _, _, fs in os.walk(cache) for f in fs]
     assert len(files) == 4 and all(f.endswith(".npy") for f in files)
     table = np.load(next(os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs))
