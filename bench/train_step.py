@@ -107,6 +107,11 @@ def synthetic_batch(frames, resolution, device, latent_cache=False):
     return batch
 
 
+def peak_gib():
+    """[allocated, reserved] GiB at their peaks since the last reset."""
+    return [round(torch.cuda.max_memory_allocated() / 2**30, 2), round(torch.cuda.max_memory_reserved() / 2**30, 2)]
+
+
 def matmul_peak_tflops(device, n=8192, reps=20):
     """Dense fp16 matmul rate of this GPU, measured now."""
     a = torch.randn(n, n, device=device, dtype=torch.float16)
@@ -139,8 +144,7 @@ def run_config(name, stage, opts, args, accelerator, where=None):
         """Close the running phase's peak (since the last call) under `phase`; start the next."""
         if cuda:
             torch.cuda.synchronize()
-            peaks[phase] = [round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                            round(torch.cuda.max_memory_reserved() / 2**30, 2)]
+            peaks[phase] = peak_gib()
             torch.cuda.reset_peak_memory_stats()
     unet, brushnet, vae, text = build_models(stage, args.tiny, device)
     dtype = torch.float16 if accelerator.mixed_precision == "fp16" else (
@@ -398,8 +402,7 @@ def main(argv=None):
         try:
             r = run_config(name, stage, opts, args, accelerator, where)
         except torch.cuda.OutOfMemoryError as e:
-            where.setdefault("peaks", {})[where["phase"]] = [round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                                                             round(torch.cuda.max_memory_reserved() / 2**30, 2)]
+            where.setdefault("peaks", {})[where["phase"]] = peak_gib()
             r = dict(config=name, stage=stage, options=opts, error=f"out of memory in {where['phase']}: {str(e)[:200]}",
                      phase_peaks_gib=where["peaks"])
             gc.collect()

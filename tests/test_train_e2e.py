@@ -452,18 +452,6 @@ def wait_for_log(proc, log, text):
         time.sleep(0.2)
 
 
-def end_leftovers(proc):
-    """A failed test must not leave a trainer running (the launcher has a session of its own)."""
-    import psutil
-
-    try:
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            child.kill()
-    except psutil.NoSuchProcess:
-        pass
-    proc.kill()
-
-
 @pytest.mark.parametrize("how", ["kill_script", "ctrl_c"])
 def test_shell_script_stop_saves_and_exits(assets, tmp_path, how):
     """`kill <finetune_stage1.sh>` (SIGTERM to the script) or Ctrl-C (SIGINT to the terminal's process
@@ -497,8 +485,10 @@ def test_shell_script_stop_during_startup_ends_it(assets, tmp_path, moment):
             wait_for_log(proc, log, "FinetuneDataset scan")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
-    finally:
-        end_leftovers(proc)
+    finally:  # a failed test must not leave a trainer running (the launcher has a session of its own)
+        from bench.gpu_e2e import kill_tree
+
+        kill_tree(proc)
     text = log.read_text()
     assert "stopped at step" not in text and not list_checkpoints(str(out)), text[-2000:]
     if moment == "at the data scan":
