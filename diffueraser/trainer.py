@@ -334,7 +334,7 @@ def train(args, stage):
     frozen = frozen_fingerprints(sources)
     global_step, saved_position = resume(accelerator, args, frozen)
     marker = {"frozen_sources": frozen} if frozen else {}
-    validate = Validator(args, stage) if accelerator.is_main_process else None
+    validate = Validator(args, stage, optimizer) if accelerator.is_main_process else None
     embed_text = TextEmbedder(text_encoder)
     accelerator.print(f"{stage.name}: {sum(p.numel() for p in params) / 1e6:.1f} M trainable parameters, "
                       f"{len(dataloader.dataset)} clips, {steps_per_epoch} steps/epoch, "
@@ -354,7 +354,7 @@ def train(args, stage):
         accelerator.backward(loss)
         return loss
     step_fn = speed.graphed(forward_backward, params, accelerator) if args.cuda_graph else forward_backward
-    if validate and args.cuda_graph:  # out of memory, validation frees the graph's pool and tries again
+    if validate and args.cuda_graph:  # out of memory, validation frees the graph's pool (and parks Adam) to retry
         validate.free_memory = lambda: (step_fn.release(), free_cached_memory())
 
     def checkpoint(step):

@@ -4,6 +4,7 @@ Conventions: frames uint8 (F, R, R, 3); masks float32 (F, R, R) with hole = 0, k
 A GIF frame is [masked input | result | ground truth] side by side, the hole shown in grey.
 """
 import ast
+import contextlib
 import gc
 import os
 import warnings
@@ -173,8 +174,8 @@ def validate_clip(pipeline, clip, out_dir, step, seed, trackers, num_inference_s
 class Validator:
     """Runs the stage's sampler on the validation clips and writes GIFs; never stops training."""
 
-    def __init__(self, args, stage):
-        self.args, self.stage, self.clips, self.free_memory = args, stage, [], None
+    def __init__(self, args, stage, optimizer=None):
+        self.args, self.stage, self.optimizer, self.clips, self.free_memory = args, stage, optimizer, [], None
         images = parse_path_list(args.validation_image) if args.validation_image else []
         masks = parse_path_list(args.validation_mask) if args.validation_mask else []
         if len(images) != len(masks):
@@ -191,15 +192,17 @@ class Validator:
                 logger.warning(f"validation clip {image_dir}: {e}; skipped")
 
     def __call__(self, accelerator, models, step):
-        """Validate; out of GPU memory, free what `free_memory` frees (the trainer sets it: the CUDA
-        graph's pool and the allocator's cache) and try once more. True when the GIFs were written."""
+        """Validate; out of GPU memory, try once more with the optimizer's state in host memory and what
+        `free_memory` frees (the trainer sets it: the CUDA graph's pool) freed. True when the GIFs were written."""
         error = self.run(accelerator, models, step)
         if isinstance(error, torch.cuda.OutOfMemoryError):
             error = None  # drop the failed attempt before the next one
-            logger.warning(f"validation at step {step} ran out of GPU memory: freeing the CUDA graph's pool and "
-                           "cached blocks (the graph is captured again at the next step), trying once more")
-            (self.free_memory or free_cached_memory)()
-            error = self.run(accelerator, models, step)
+            logger.warning(f"validation at step {step} ran out of GPU memory: trying once more with the optimizer's "
+                           "state in host memory meanwhile and the CUDA graph's pool freed (captured again at the "
+                           "next step)")
+            with optimizer_state_in_host_memory(self.optimizer):
+                (self.free_memory or free_cached_memory)()
+                error = self.run(accelerator, models, step)
         if error is not None:
             logger.error(f"validation at step {step} failed: {type(error).__name__}: {error}; training goes on")
         return error is None
@@ -221,7 +224,8 @@ class Validator:
             # every start for seconds saved per validation.
             with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
                 run_validation(pipe, clips, out_dir, step, seed=self.args.seed or 0, trackers=accelerator.trackers,
-                               num_inference_steps=self.args.validation_inference_steps)
+                               num_inference_steps=self.args.validation_inference_steps,
+                               decode_chunk_size=self.args.vae_batch_size or 8)  # --vae_batch_size: also here
             return None
         except Exception as e:
             e.__traceback__ = None  # let the failed attempt's tensors go
@@ -229,6 +233,35 @@ class Validator:
         finally:
             for m, was_training in modes:
                 m.train(was_training)
+
+
+@contextlib.contextmanager
+def optimizer_state_in_host_memory(optimizer, device_type="cuda"):
+    """Meanwhile, the optimizer's state on `device_type` (Adam's moments: 14 GB for stage 1's fp32
+    AdamW, 3.5 GB in 8 bits) waits in host memory and its GPU memory is free. Every state tensor
+    stays the same object and gets its values back, so a fused or compiled optimizer step goes on as
+    before; only the addresses change (the trainer's CUDA graph holds the forward and backward alone).
+    Storages shared between parameters' states (bitsandbytes' quantisation maps) move once."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    storages = {}
+    for state in (inner.state.values() if inner is not None else ()):
+        for t in state.values():
+            if torch.is_tensor(t) and t.device.type == device_type and t.untyped_storage().nbytes():
+                storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage())
+    parked = []
+    try:
+        for storage in storages.values():
+            parked.append((storage, _bytes_of(storage).to("cpu", copy=True)))
+            storage.resize_(0)
+        yield len(parked)
+    finally:
+        for storage, host in parked:
+            storage.resize_(host.numel())
+            _bytes_of(storage).copy_(host)
+
+
+def _bytes_of(storage):
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
 def free_cached_memory():

@@ -214,3 +214,42 @@ def test_parse_path_list(value, expected):
 def test_parse_path_list_rejects(value):
     with pytest.raises((ValueError, TypeError)):
         parse_path_list(value)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the GPU's memory"))])
+def test_optimizer_state_waits_in_host_memory_and_comes_back(device):
+    """Validation's retry parks Adam's moments: meanwhile their storage is empty (on a GPU: the
+    allocated memory drops by their size), a storage shared between parameters' states moves once,
+    and afterwards the same tensors hold the same values, so the next step is bit-exact with a twin's."""
+    from diffueraser.validation import optimizer_state_in_host_memory
+
+    def make():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(64, 32, device=device)), torch.nn.Parameter(torch.randn(7, device=device))]
+        opt = torch.optim.AdamW(params, lr=0.1, fused=device == "cuda")
+        for step in range(2):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return params, opt
+    (params, opt), (twin_params, twin) = make(), make()
+    shared = torch.arange(256.0, device=device)  # as bitsandbytes' quantisation map: one tensor in every state
+    for state in list(opt.state.values()) + list(twin.state.values()):
+        state["qmap"] = shared
+    tensors = [t for state in opt.state.values() for t in state.values()]
+    values = [t.clone() for t in tensors]
+    allocated = torch.cuda.memory_allocated() if device == "cuda" else 0
+    with optimizer_state_in_host_memory(opt, device_type=device) as moved:
+        assert moved == 7  # 2 x (exp_avg, exp_avg_sq, step) + the shared map
+        assert all(t.untyped_storage().nbytes() == 0 for t in tensors)
+        if device == "cuda":
+            assert allocated - torch.cuda.memory_allocated() >= 2 * (64 * 32 + 7) * 4 + 256 * 4
+    assert all(torch.equal(t, v) for t, v in zip([t for s in opt.state.values() for t in s.values()], values))
+    for group in (params, twin_params):
+        for p in group:
+            p.grad = torch.ones_like(p)
+    opt.step(), twin.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, twin_params))
+    with optimizer_state_in_host_memory(None):  # no optimizer (a rank without validation): nothing to do
+        pass
