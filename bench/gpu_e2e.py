@@ -7,7 +7,7 @@ Writes random weights (text encoder, VAE, UNet, motion adapter, a tokenizer that
 download) and a synthetic DAVIS (480p) / YouTube-VOS (720p) tree, then runs, each through its
 shell script or converter exactly as train.md says:
 
-  finetune_stage1.sh  (validation on, 4 loader workers; with --latent_cache, LATENT_CACHE=OUT/latent_cache)
+  finetune_stage1.sh  (validation on, 4 loader workers, LATENT_CACHE=OUT/latent_cache)
   -> SIGTERM after a few steps (must save and exit 0) -> finetune_stage1.sh again (resumes from
   `latest`, torch's default compile cache deleted first, as on a fresh machine: only the run's
   own compile_cache is left)
@@ -233,9 +233,9 @@ def main(argv=None):
     parser.add_argument("--stage2_only", action="store_true",
                         help="Stage 2 alone, from a stage 1 made of the base UNet and a BrushNet copied from it.")
     parser.add_argument("--no_convert", action="store_true", help="Skip the converters (less disk).")
-    parser.add_argument("--latent_cache", action="store_true",
-                        help="LATENT_CACHE=OUT/latent_cache for both scripts (built by stage 1, read by its resume "
-                             "and by stage 2; fails if a run did not use it).")
+    parser.add_argument("--no_latent_cache", action="store_true",
+                        help="LATENT_CACHE= (off). By default, as the scripts: LATENT_CACHE=OUT/latent_cache for both "
+                             "(built by stage 1, read by its resume and by stage 2; fails if a run did not use it).")
     parser.add_argument("--no_stop", action="store_true",
                         help="Stage 1 in one run, without the SIGTERM and resume (a memory smoke: less disk and time).")
     args = parser.parse_args(argv)
@@ -256,7 +256,7 @@ def main(argv=None):
                MOTION_ADAPTER=os.path.join(weights, "adapter"), DAVIS=os.path.join(data, "DAVIS"),
                YTBV=os.path.join(data, "YTVOS"), STAGE1=converted1, PYTHONUNBUFFERED="1",
                MIXED_PRECISION="bf16" if args.tiny else "fp16",
-               LATENT_CACHE=os.path.join(out, "latent_cache") if args.latent_cache else "")  # both stages share it
+               LATENT_CACHE="" if args.no_latent_cache else os.path.join(out, "latent_cache"))  # both stages share it
     common = ["--checkpoints_total_limit", "1", "--checkpointing_steps", "1000"]
     if args.tiny:
         common += ["--resolution", "32", "--validation_inference_steps", "2"]

@@ -67,10 +67,10 @@ w('$out/evaldata', videos=('v0', 'v1'), nframes=$frames, size=$size)"
         --output_dir "$out/eval" "${small[@]}" ;;
   preset)  # at once, each capped; disk: one copy of the weights and data, no checkpoint kept
     if [ -z "$tiny" ]; then
-      p=(--latent_cache --extra "--memory_cap_gib 22 --gradient_checkpointing --vae_batch_size 4")
+      p=(--extra "--memory_cap_gib 22 --gradient_checkpointing --vae_batch_size 4")
       p1=(--extra1=--use_8bit_adam)
     else
-      p=(--tiny --latent_cache --extra "--gradient_checkpointing --vae_batch_size 4"); p1=()
+      p=(--tiny --extra "--gradient_checkpointing --vae_batch_size 4"); p1=()
     fi
     shared_assets
     part e2e_s1 python3 bench/gpu_e2e.py "$out/s1" --stage1_only --no_stop --no_convert "${p[@]}" "${p1[@]}" &

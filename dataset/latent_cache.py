@@ -13,6 +13,7 @@ Frame folders only (DAVIS, YouTube-VOS, --frames_root): video files are not cach
 import hashlib
 import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -51,6 +52,16 @@ class LatentCache:
     def __init__(self, root, resolution, vae):
         self.resolution = int(resolution)
         self.dir = os.path.join(root, f"{self.resolution}px-vae{vae_hash(vae)[:16]}")
+        side = self.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+        self.frame_bytes = 2 * vae.config.latent_channels * side * side * 2  # mean and std, float16
+
+    def room(self, videos):
+        """(bytes the missing videos' files need, bytes free on the cache's disk)."""
+        need = sum(len(v.frames) for v in self.missing(videos)) * self.frame_bytes
+        existing = os.path.abspath(self.dir)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        return need, shutil.disk_usage(existing).free
 
     def attach(self, videos):
         """Set each video's `latents` (its file; the loader reads it); SystemExit naming a video

@@ -63,6 +63,15 @@ def use_latent_cache(args, accelerator, dataset, vae):
                           "(--frames_root) to use it, or leave LATENT_CACHE empty")
         return
     cache = LatentCache(args.latent_cache, args.resolution, vae).attach(dataset.entries)
+    need, free = cache.room(dataset.entries)
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes
+    if need and need + 2**30 > free:  # a full disk must not end the run, nor starve its checkpoints
+        accelerator.print(f"latent cache off: the clean frames' moments need {need / 1e9:.1f} GB more in {cache.dir}, "
+                          f"{free / 1e9:.1f} GB is free there (1 GB kept spare); point LATENT_CACHE at a disk "
+                          "with room, or leave it empty")
+        for v in dataset.entries:
+            v.latents = None
+        return
     if accelerator.is_main_process:
         start, (count, bad) = time.time(), cache.build(dataset.entries, vae, accelerator.is_local_main_process)
         for line in bad:

@@ -32,6 +32,7 @@ def common_flags(out, data, stage_dir, steps, nframes):
     return ["--base_model_name_or_path", os.path.join(out, "weights", "tiny-sd"),
             "--davis_root", davis, "--ytvos_root", os.path.join(data, "YTVOS"),
             "--output_dir", stage_dir, "--resolution", "64", "--nframes", str(nframes),
+            "--latent_cache", os.path.join(out, "latent_cache"),  # as the scripts: built by stage 1, read by stage 2
             "--compile", "0",  # tiny models: compiling would take longer than training
             "--max_train_steps", str(steps), "--checkpointing_steps", str(max(1, steps // 2)),
             "--learning_rate", "1e-4", "--lr_warmup_steps", "0", "--seed", "0", "--report_to", "tensorboard",

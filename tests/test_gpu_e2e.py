@@ -1,4 +1,4 @@
-"""The users' path end to end (bench/gpu_e2e.py --tiny --latent_cache): both shell scripts in bf16 with
+"""The users' path end to end (bench/gpu_e2e.py --tiny): both shell scripts in bf16 with
 validation, 4 loader workers and LATENT_CACHE, stage 1 compiled, a SIGTERM stop and a resume from the run's own compile
 cache, both converters. Before the BrushNetOutput fix every stage-1 validation here failed."""
 import json
@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_tiny_end_to_end_through_the_scripts(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/gpu_e2e.py", str(tmp_path), "--tiny", "--latent_cache"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "bench/gpu_e2e.py", str(tmp_path), "--tiny"], cwd=REPO,
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0 and "all steps passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
     figures = dict(json.loads((tmp_path / "e2e_report.json").read_text())["figures"])

@@ -100,11 +100,14 @@ def test_training_run_builds_and_uses_the_cache(assets, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-def test_cache_falls_back_to_encoding_where_it_cannot_serve(assets, tokenizer, tmp_path, capsys):
-    """A run on video files goes without the cache and says why (LATENT_CACHE may be set for every run), and a
-    process that finds none of the main process's files (another node's disk) encodes as before."""
+def test_cache_falls_back_to_encoding_where_it_cannot_serve(assets, tokenizer, tmp_path, capsys, monkeypatch):
+    """A run on video files goes without the cache and says why (LATENT_CACHE is on by default), a process that
+    finds none of the main process's files (another node's disk) encodes as before, and a disk without room for
+    the moments (plus 1 GB) leaves the cache off and says how much it needs."""
+    import shutil
     from types import SimpleNamespace
 
+    import dataset.latent_cache as latent_cache
     from diffueraser.data import use_latent_cache
     from tests.test_data_sources import write_csv, write_index_mp4
 
@@ -124,6 +127,14 @@ def test_cache_falls_back_to_encoding_where_it_cannot_serve(assets, tokenizer, t
     use_latent_cache(args, SimpleNamespace(**dict(main, is_main_process=False, process_index=1)), other, vae)
     assert "no cached moments" in capsys.readouterr().out
     assert all(v.latents is None for v in other.entries) and "pixel_values" in other[0]
+
+    full = FinetuneDataset(args, tokenizer)
+    frames = {f for v in full.entries for f in v.frames}  # DAVIS's videos are listed ten times
+    need = len(frames) * 2 * 4 * 4 * 4 * 2  # 32 px: 4x4 latents, 4 + 4 channels, fp16
+    monkeypatch.setattr(latent_cache.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, need + 2**30 - 1))
+    use_latent_cache(args, SimpleNamespace(**main), full, vae)
+    assert f"need {need / 1e9:.1f} GB more" in capsys.readouterr().out
+    assert not cache.exists() and all(v.latents is None for v in full.entries) and "pixel_values" in full[0]
 
 
 LOADER_AFTER_BUILD = """

@@ -372,9 +372,9 @@ def test_shell_scripts_pass_config_and_gpu_count_to_the_launcher(script, config,
     assert proc.returncode == 0, proc.stderr
     launched = (tmp_path / "args").read_text()
     assert launched.startswith(f"launch --config_file {config} --num_processes 3 ")
-    assert "--latent_cache" not in launched  # off unless LATENT_CACHE names a folder
-    proc = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True, env=dict(env, LATENT_CACHE="lc"))
-    assert proc.returncode == 0 and " --latent_cache lc " in (tmp_path / "args").read_text()
+    assert " --latent_cache latent_cache " in launched  # on by default, one folder for both stages
+    proc = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True, env=dict(env, LATENT_CACHE=""))
+    assert proc.returncode == 0 and "--latent_cache" not in (tmp_path / "args").read_text()  # LATENT_CACHE= : off
 
 
 STALLED = """
