@@ -244,15 +244,19 @@ def optimizer_state_in_host_memory(optimizer, device_type="cuda"):
     Storages shared between parameters' states (bitsandbytes' quantisation maps) move once."""
     inner = getattr(optimizer, "optimizer", optimizer)
     storages = {}
-    for state in (inner.state.values() if inner is not None else ()):
-        for t in state.values():
+    for state in (getattr(inner, "state", None) or {}).values():
+        for t in (state.values() if isinstance(state, dict) else ()):
             if torch.is_tensor(t) and t.device.type == device_type and t.untyped_storage().nbytes():
                 storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage())
     parked = []
     try:
         for storage in storages.values():
-            parked.append((storage, _bytes_of(storage).to("cpu", copy=True)))
-            storage.resize_(0)
+            try:
+                host = _bytes_of(storage).to("cpu", copy=True)
+                storage.resize_(0)
+            except RuntimeError:  # host memory short, or a storage that cannot be resized: it stays
+                continue
+            parked.append((storage, host))
         yield len(parked)
     finally:
         for storage, host in parked:

@@ -237,15 +237,18 @@ def test_optimizer_state_waits_in_host_memory_and_comes_back(device):
     shared = torch.arange(256.0, device=device)  # as bitsandbytes' quantisation map: one tensor in every state
     for state in list(opt.state.values()) + list(twin.state.values()):
         state["qmap"] = shared
-    tensors = [t for state in opt.state.values() for t in state.values()]
+    fixed = torch.from_numpy(np.arange(3.0))  # a storage that cannot be resized: it stays where it is
+    if device == "cpu":
+        next(iter(opt.state.values()))["fixed"] = fixed
+    tensors = [t for state in opt.state.values() for t in state.values() if t is not fixed]
     values = [t.clone() for t in tensors]
     allocated = torch.cuda.memory_allocated() if device == "cuda" else 0
     with optimizer_state_in_host_memory(opt, device_type=device) as moved:
         assert moved == 7  # 2 x (exp_avg, exp_avg_sq, step) + the shared map
-        assert all(t.untyped_storage().nbytes() == 0 for t in tensors)
+        assert all(t.untyped_storage().nbytes() == 0 for t in tensors) and fixed.tolist() == [0.0, 1.0, 2.0]
         if device == "cuda":
             assert allocated - torch.cuda.memory_allocated() >= 2 * (64 * 32 + 7) * 4 + 256 * 4
-    assert all(torch.equal(t, v) for t, v in zip([t for s in opt.state.values() for t in s.values()], values))
+    assert all(torch.equal(t, v) for t, v in zip(tensors, values))
     for group in (params, twin_params):
         for p in group:
             p.grad = torch.ones_like(p)
