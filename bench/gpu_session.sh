@@ -9,7 +9,8 @@
 #
 # steps: bench/train_step.py in one process, alone on the GPU: the default, --latent_cache and the compiled
 #        24 GB preset, both stages (same-run ratios; each configuration's peak per phase in the JSON). With
-#        CACHE_FROM=DIR... it starts from those compile caches (a preset or caps run's), merged.
+#        CACHE_FROM=DIR... it starts from those compile caches (a preset or caps run's), merged. Then
+#        bench/attention.py: each attention call of both steps under every kernel.
 # smoke: bench/gpu_e2e.py (both scripts, stop, resume, converters) under a 46 GiB cap with validation on,
 #        then stage-2 evaluation throughput on two 67-frame 480p videos (DAVIS val's mean length).
 # preset: at once, each under a 22 GiB cap: stage 1 and stage 2 (from the base UNet) through the scripts with
@@ -52,7 +53,8 @@ case $mode in
       done
       export TORCHINDUCTOR_CACHE_DIR=$out/compile_cache
     fi
-    part table python3 bench/train_step.py $tiny --configs $configs --json "$out/table.json" ;;
+    part table python3 bench/train_step.py $tiny --configs $configs --json "$out/table.json"
+    part attention python3 bench/attention.py $tiny --json "$out/attention.json" ;;  # ~1 min
   smoke)
     if [ -z "$tiny" ]; then
       e2e=(--extra "--memory_cap_gib 46"); frames=67; size="(480, 854)"; small=()

@@ -46,3 +46,31 @@ def test_train_step_bench_names_a_bad_configuration_before_running_any(capsys):
         with pytest.raises(SystemExit):
             train_step.main(["--tiny", "--configs", bad])
         assert says in capsys.readouterr().err
+
+
+def test_attention_bench_tiny_records_the_steps_own_calls(tmp_path):
+    """bench/attention.py reads each stage's attention calls off the real training step (meta device): stage 1
+    has the VAE mid-block's one-head call without a gradient and, at every level, as many self- as cross-attention
+    calls, all with a gradient; stage 2 adds the motion modules' attention over the frames and runs the frozen
+    BrushNet's without one. Every kernel's time is taken, and the best is never slower than torch's choice."""
+    out = tmp_path / "attention.json"
+    proc = subprocess.run([sys.executable, "bench/attention.py", "--tiny", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    s1 = [r for r in results if r["stage"] == "stage1"]
+    s2 = [r for r in results if r["stage"] == "stage2"]
+    vae = [r for r in s1 if r["query"][1] == 1]
+    assert len(vae) == 1 and vae[0]["calls"] == 1 and not vae[0]["grad"]
+    rest = [r for r in s1 if r["query"][1] != 1]
+    assert rest and all(r["grad"] for r in rest)
+    for q in {tuple(r["query"]) for r in rest}:
+        self_calls = sum(r["calls"] for r in rest if tuple(r["query"]) == q and r["key"][2] == q[2])
+        cross_calls = sum(r["calls"] for r in rest if tuple(r["query"]) == q and r["key"][2] == 77)
+        assert self_calls == cross_calls > 0, q
+    frames = 2  # the tiny stage 2 clip
+    assert any(r["query"][2] == frames and r["key"][2] == frames and r["grad"] for r in s2)  # motion modules
+    assert any(not r["grad"] and r["key"][2] == 77 for r in s2)  # the frozen BrushNet
+    for r in results:
+        assert all(ms > 0 for ms in r["ms"].values()) and r["ms"][r["best"]] <= r["ms"]["torch"]
+    assert "ms with the best per shape" in proc.stdout
