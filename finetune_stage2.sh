@@ -14,7 +14,7 @@ STAGE1=${STAGE1:-converted_weights/diffuEraser-model-stage1}
 DAVIS=${DAVIS-data/DAVIS}                      # DAVIS= (empty): not used; then give --csv_file / --frames_root
 YTBV=${YTBV-data/YTBV}                         # YTBV= (empty): not used
 OUTPUT_DIR=${OUTPUT_DIR:-finetune-stage2}
-LATENT_CACHE=${LATENT_CACHE-latent_cache}      # clean frames' VAE moments, both stages (~7 GB, train.md); empty: off
+LATENT_CACHE=${LATENT_CACHE-latent_cache}      # clean frames' VAE moments, both stages (~6.5 GB, train.md); empty: off
 MIXED_PRECISION=${MIXED_PRECISION:-fp16}           # bf16 on Ampere+ (no loss scaling needed), no = fp32
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}        # e.g. configs/accelerate_multigpu.yaml
 NUM_PROCESSES=${NUM_PROCESSES:-}                # GPUs (accelerate launch --num_processes); empty: the config's, else every GPU

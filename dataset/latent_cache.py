@@ -37,6 +37,14 @@ def vae_hash(vae):
     return h.hexdigest()
 
 
+def disk_of(path):
+    """(bytes free, device number) of the disk that holds `path` or, not yet made, its nearest parent."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return shutil.disk_usage(existing).free, os.stat(existing).st_dev
+
+
 def frames_hash(paths, resolution):
     """Hex digest of a frame folder's paths, sizes and modification times (and the resolution)."""
     h = hashlib.sha1(str(resolution).encode())
@@ -56,12 +64,9 @@ class LatentCache:
         self.frame_bytes = 2 * vae.config.latent_channels * side * side * 2  # mean and std, float16
 
     def room(self, videos):
-        """(bytes the missing videos' files need, bytes free on the cache's disk)."""
+        """(bytes the missing videos' files need, bytes free on the cache's disk, that disk's device number)."""
         need = sum(len(v.frames) for v in self.missing(videos)) * self.frame_bytes
-        existing = os.path.abspath(self.dir)
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        return need, shutil.disk_usage(existing).free
+        return (need, *disk_of(self.dir))
 
     def attach(self, videos):
         """Set each video's `latents` (its file; the loader reads it); SystemExit naming a video

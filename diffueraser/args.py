@@ -110,7 +110,8 @@ def add_speed_args(parser):
     g.add_argument("--cudnn_benchmark", type=int, default=1, choices=[0, 1],
                    help="Let cuDNN pick the fastest convolution kernels for the fixed clip shape.")
     g.add_argument("--vae_batch_size", type=int, default=0,
-                   help="Frames per VAE encode call (0 = all frames and masked frames in one call).")
+                   help="Frames per VAE encode call (0 = all frames and masked frames in one call); validation "
+                        "also decodes this many at once (0: 8).")
     g.add_argument("--memory_cap_gib", type=float, default=None,
                    help="Hold at most this much GPU memory per process, as on a smaller card (to try a setting "
                         "for a 24 or 48 GB card on a larger one).")

@@ -48,10 +48,16 @@ def start_epoch(dataloader, epoch):
         dataloader.dataset.set_epoch(epoch)
 
 
-def use_latent_cache(args, accelerator, dataset, vae):
+def use_latent_cache(args, accelerator, dataset, vae, models=()):
     """--latent_cache: the main process encodes the clean frames of videos not yet cached (once;
-    progress bar), then every process's loader reads their moments (dataset/latent_cache.py)."""
-    from dataset.latent_cache import LatentCache
+    progress bar), then every process's loader reads their moments (dataset/latent_cache.py).
+    Without room on the cache's disk for them plus 1 GB, plus two checkpoints of `models` (the
+    trained ones) where the output folder shares that disk, the run goes without the cache (the
+    main process decides for all)."""
+    from accelerate.utils import broadcast_object_list
+
+    from dataset.latent_cache import LatentCache, disk_of
+    from diffueraser.checkpoints import checkpoint_bytes
 
     if not args.latent_cache:
         return
@@ -63,12 +69,17 @@ def use_latent_cache(args, accelerator, dataset, vae):
                           "(--frames_root) to use it, or leave LATENT_CACHE empty")
         return
     cache = LatentCache(args.latent_cache, args.resolution, vae).attach(dataset.entries)
-    need, free = cache.room(dataset.entries)
-    accelerator.wait_for_everyone()  # every process has looked before the main one writes
-    if need and need + 2**30 > free:  # a full disk must not end the run, nor starve its checkpoints
-        accelerator.print(f"latent cache off: the clean frames' moments need {need / 1e9:.1f} GB more in {cache.dir}, "
-                          f"{free / 1e9:.1f} GB is free there (1 GB kept spare); point LATENT_CACHE at a disk "
-                          "with room, or leave it empty")
+    room = True
+    if accelerator.is_main_process:  # a full disk must not end the run, nor starve its checkpoints
+        need, free, disk = cache.room(dataset.entries)
+        keep = 2**30 + (2 * checkpoint_bytes(models) if disk_of(args.output_dir)[1] == disk else 0)
+        room = not need or need + keep <= free
+        if not room:
+            accelerator.print(f"latent cache off: the clean frames' moments need {need / 1e9:.1f} GB more in "
+                              f"{cache.dir}, {free / 1e9:.1f} GB is free there and {keep / 1e9:.1f} GB stays free "
+                              "(1 GB, and two checkpoints where they share the disk); point LATENT_CACHE at a disk "
+                              "with room, or leave it empty")
+    if not broadcast_object_list([room])[0]:  # every process goes as the main one decided
         for v in dataset.entries:
             v.latents = None
         return

@@ -325,7 +325,7 @@ def train(args, stage):
     place_frozen_encoders(args, vae, text_encoder, accelerator.device, weight_dtype)
     unet, brushnet, optimizer, dataloader, lr_scheduler, steps_per_epoch, params = prepare(
         accelerator, args, stage, tokenizer, scan)
-    use_latent_cache(args, accelerator, dataloader.dataset, vae)  # with --latent_cache
+    use_latent_cache(args, accelerator, dataloader.dataset, vae, (unet, brushnet))  # with --latent_cache
     if accelerator.is_main_process:
         warn_if_low_disk(args.output_dir, (unet, brushnet))
         accelerator.init_trackers(args.tracker_project_name,

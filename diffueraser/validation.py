@@ -11,6 +11,7 @@ import warnings
 
 import cv2
 import numpy as np
+import psutil
 import torch
 from accelerate.logging import get_logger
 from PIL import Image
@@ -197,9 +198,9 @@ class Validator:
         error = self.run(accelerator, models, step)
         if isinstance(error, torch.cuda.OutOfMemoryError):
             error = None  # drop the failed attempt before the next one
+            graph = " and the CUDA graph's pool freed (captured again at the next step)" if self.free_memory else ""
             logger.warning(f"validation at step {step} ran out of GPU memory: trying once more with the optimizer's "
-                           "state in host memory meanwhile and the CUDA graph's pool freed (captured again at the "
-                           "next step)")
+                           f"state in host memory meanwhile{graph}")
             with optimizer_state_in_host_memory(self.optimizer):
                 (self.free_memory or free_cached_memory)()
                 error = self.run(accelerator, models, step)
@@ -241,27 +242,54 @@ def optimizer_state_in_host_memory(optimizer, device_type="cuda"):
     AdamW, 3.5 GB in 8 bits) waits in host memory and its GPU memory is free. Every state tensor
     stays the same object and gets its values back, so a fused or compiled optimizer step goes on as
     before; only the addresses change (the trainer's CUDA graph holds the forward and backward alone).
-    Storages shared between parameters' states (bitsandbytes' quantisation maps) move once."""
+    Storages shared between parameters' states (bitsandbytes' quantisation maps) move once; none that
+    a parameter or gradient uses moves; with less host memory free than the state and 2 GB, nothing
+    moves. A state that cannot come back to the GPU ends the run with a RuntimeError: it cannot go on
+    without it (its checkpoints are whole)."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    storages = {}
+    storages, used = {}, set()
+    for group in getattr(inner, "param_groups", ()):
+        for p in group["params"]:
+            used.update(t.untyped_storage().data_ptr() for t in (p, p.grad) if t is not None)
     for state in (getattr(inner, "state", None) or {}).values():
         for t in (state.values() if isinstance(state, dict) else ()):
             if torch.is_tensor(t) and t.device.type == device_type and t.untyped_storage().nbytes():
                 storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage())
+    storages = [s for ptr, s in storages.items() if ptr not in used]
+    total = sum(s.nbytes() for s in storages)
+    if total + 2 * 2**30 > psutil.virtual_memory().available:  # a host out of memory kills the process
+        warnings.warn(f"validation: {total / 1e9:.1f} GB of optimizer state stays on the GPU (host memory short)")
+        storages = []
     parked = []
     try:
-        for storage in storages.values():
+        for storage in storages:
             try:
                 host = _bytes_of(storage).to("cpu", copy=True)
                 storage.resize_(0)
-            except RuntimeError:  # host memory short, or a storage that cannot be resized: it stays
+            except RuntimeError:  # a storage that cannot be resized: it stays
                 continue
             parked.append((storage, host))
         yield len(parked)
     finally:
-        for storage, host in parked:
-            storage.resize_(host.numel())
-            _bytes_of(storage).copy_(host)
+        _restore(parked)
+
+
+def _restore(parked):
+    free_cached_memory()  # what validation held goes back first
+    lost = 0
+    for storage, host in parked:
+        for attempt in (1, 2):
+            try:
+                storage.resize_(host.numel())
+                _bytes_of(storage).copy_(host)
+                break
+            except torch.cuda.OutOfMemoryError:
+                lost += attempt == 2
+                free_cached_memory()
+    if lost:
+        raise RuntimeError(f"{lost} of the optimizer's state tensors could not return to the GPU after validation "
+                           "(out of memory); the run cannot go on without them: resume from its last checkpoint "
+                           "(--resume_from_checkpoint latest), perhaps with a larger --validation_steps")
 
 
 def _bytes_of(storage):

@@ -122,19 +122,24 @@ def test_cache_falls_back_to_encoding_where_it_cannot_serve(assets, tokenizer, t
     assert "latent cache off" in capsys.readouterr().out
     assert not cache.exists() and "pixel_values" in files[0]
 
-    args = make_args(davis_root=assets / "DAVIS", resolution=32, latent_cache=cache)
+    args = make_args(davis_root=assets / "DAVIS", resolution=32, latent_cache=cache, output_dir=str(tmp_path))
     other = FinetuneDataset(args, tokenizer)
     use_latent_cache(args, SimpleNamespace(**dict(main, is_main_process=False, process_index=1)), other, vae)
     assert "no cached moments" in capsys.readouterr().out
     assert all(v.latents is None for v in other.entries) and "pixel_values" in other[0]
 
     full = FinetuneDataset(args, tokenizer)
-    frames = {f for v in full.entries for f in v.frames}  # DAVIS's videos are listed ten times
+    frames = {f for v in full.entries for f in v.frames}  # DAVIS's videos are listed ten times: counted once
     need = len(frames) * 2 * 4 * 4 * 4 * 2  # 32 px: 4x4 latents, 4 + 4 channels, fp16
+    assert latent_cache.LatentCache(cache, 32, vae).attach(full.entries).room(full.entries)[0] == need
     monkeypatch.setattr(latent_cache.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, need + 2**30 - 1))
     use_latent_cache(args, SimpleNamespace(**main), full, vae)
-    assert f"need {need / 1e9:.1f} GB more" in capsys.readouterr().out
+    assert "latent cache off: the clean frames' moments need" in capsys.readouterr().out
     assert not cache.exists() and all(v.latents is None for v in full.entries) and "pixel_values" in full[0]
+    monkeypatch.setattr(latent_cache.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, need + 2**30))
+    full = FinetuneDataset(args, tokenizer)
+    use_latent_cache(args, SimpleNamespace(**main), full, vae)  # exactly enough: built
+    assert "videos encoded" in capsys.readouterr().out and all(v.latents for v in full.entries)
 
 
 LOADER_AFTER_BUILD = """

@@ -78,7 +78,8 @@ def test_real_scripts_on_two_processes(assets, tmp_path, stage):  # noqa: F811
         extra = ["--pretrained_stage1", str(stage1), "--motion_adapter_path", str(assets / "adapter")]
     # torchrun + ACCELERATE_USE_CPU gives accelerate's MULTI_CPU (gloo); on GPUs it is `accelerate launch --multi_gpu`
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           f"train_DiffuEraser_{stage}.py", *flags(assets, out, 2, nframes=2 if stage == "stage1" else 4), *extra]
+           f"train_DiffuEraser_{stage}.py", *flags(assets, out, 2, nframes=2 if stage == "stage1" else 4,
+                                                   latent_cache=tmp_path / "latent_cache"), *extra]  # as the scripts
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -89,6 +90,7 @@ def test_real_scripts_on_two_processes(assets, tmp_path, stage):  # noqa: F811
     assert ("model_1.safetensors" in files) == (stage == "stage1")  # a frozen BrushNet is never prepared
     assert (out / "unet_main" / "config.json").is_file() and (out / "brushnet" / "config.json").is_file()
     assert "2 process(es)" in proc.stdout + proc.stderr
+    assert "videos encoded" in proc.stdout + proc.stderr  # the main process built the cache; both read it
 
 
 def stop_agreement(out_file):

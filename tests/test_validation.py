@@ -256,3 +256,44 @@ def test_optimizer_state_waits_in_host_memory_and_comes_back(device):
     assert all(torch.equal(a, b) for a, b in zip(params, twin_params))
     with optimizer_state_in_host_memory(None):  # no optimizer (a rank without validation): nothing to do
         pass
+
+
+def test_optimizer_state_stays_where_moving_it_is_unsafe(monkeypatch):
+    """Parking leaves alone a state storage that a parameter uses, and everything when host memory is short; a
+    state that cannot come back (out of GPU memory twice) ends the run with a RuntimeError saying to resume, and
+    one failure alone is retried after freeing cached memory."""
+    from types import SimpleNamespace
+
+    import diffueraser.validation as validation
+
+    param = torch.nn.Parameter(torch.randn(8))
+    opt = torch.optim.AdamW([param])
+    param.grad = torch.randn(8)
+    opt.step()
+    opt.state[param]["alias"] = param.data  # shares the parameter's storage: must not be emptied
+    with validation.optimizer_state_in_host_memory(opt, device_type="cpu") as moved:
+        assert moved == 3 and param.untyped_storage().nbytes() == 8 * 4
+    monkeypatch.setattr(validation.psutil, "virtual_memory", lambda: SimpleNamespace(available=2**30))
+    with pytest.warns(UserWarning, match="host memory short"):
+        with validation.optimizer_state_in_host_memory(opt, device_type="cpu") as moved:
+            assert moved == 0
+    monkeypatch.undo()
+
+    moments = opt.state[param]["exp_avg"].clone()
+    real, failures = validation._bytes_of, []
+
+    def failing(times):
+        def bytes_of(s):
+            if s.nbytes() and len(failures) < times:  # the copy back, not the copy out
+                failures.append(1)
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test)")
+            return real(s)
+        return bytes_of
+    with validation.optimizer_state_in_host_memory(opt, device_type="cpu"):
+        monkeypatch.setattr(validation, "_bytes_of", failing(1))
+    assert torch.equal(opt.state[param]["exp_avg"], moments) and len(failures) == 1
+    failures.clear()
+    monkeypatch.setattr(validation, "_bytes_of", real)
+    with pytest.raises(RuntimeError, match="resume from its last checkpoint"):
+        with validation.optimizer_state_in_host_memory(opt, device_type="cpu"):
+            monkeypatch.setattr(validation, "_bytes_of", failing(2))
