@@ -354,7 +354,7 @@ def train(args, stage):
         accelerator.backward(loss)
         return loss
     step_fn = speed.graphed(forward_backward, params, accelerator) if args.cuda_graph else forward_backward
-    if validate and args.cuda_graph:  # out of memory, validation frees the graph's pool (and parks Adam) to retry
+    if validate and args.cuda_graph:  # out of memory, validation's retry also frees the graph's pool
         validate.free_memory = lambda: (step_fn.release(), free_cached_memory())
 
     def checkpoint(step):
