@@ -52,6 +52,8 @@ CONFIGS = {
     "s1-24GB": ("stage1", dict(compile=False, gradient_checkpointing=True, use_8bit_adam=True, vae_batch_size=4)),
     "s1-24GB_compiled": ("stage1", dict(gradient_checkpointing=True, use_8bit_adam=True, vae_batch_size=4)),
     "s1-latent_cache": ("stage1", dict(latent_cache=True)),  # the default with the clean frames' moments cached
+    "s1-lc_cl_norm": ("stage1", dict(latent_cache=True, channels_last=True)),  # compiled: per-channel norms (run 25)
+    "s1-lc_model": ("stage1", dict(latent_cache=True, compile_scope="model")),
     "s2-baseline": ("stage2", dict(baseline=True)),
     "s2-default": ("stage2", dict()),
     "s2-eager": ("stage2", dict(compile=False, cuda_graph=False)),
@@ -65,6 +67,8 @@ CONFIGS = {
     "s2-24GB": ("stage2", dict(compile=False, gradient_checkpointing=True, vae_batch_size=4)),
     "s2-24GB_compiled": ("stage2", dict(gradient_checkpointing=True, vae_batch_size=4)),
     "s2-latent_cache": ("stage2", dict(latent_cache=True)),
+    "s2-lc_cl_norm": ("stage2", dict(latent_cache=True, channels_last=True)),
+    "s2-lc_model": ("stage2", dict(latent_cache=True, compile_scope="model")),
 }
 FRAMES = {"stage1": 10, "stage2": 22}
 

@@ -231,8 +231,9 @@ def half_precision_norms(model):
 
 
 def configure_speed(args, unet, brushnet):
-    """Attention backend (xformers), memory format (`--channels_last`) and, on the trained nets,
-    half-precision norms (`--fast_norms`)."""
+    """Attention backend (xformers), memory format (`--channels_last`: compiled, with the GroupNorms
+    taking statistics per channel, as the VAE encoder's) and, on the trained nets, half-precision
+    norms (`--fast_norms`)."""
     if args.enable_xformers_memory_efficient_attention:
         try:
             import xformers  # noqa: F401
@@ -243,6 +244,8 @@ def configure_speed(args, unet, brushnet):
     for m in (unet, brushnet):
         if args.channels_last:
             m.to(memory_format=torch.channels_last)
+            if args.compile:  # compiled, F.group_norm would read each NHWC activation in NCHW order
+                norms_by_channel(m)
         if args.fast_norms and any(p.requires_grad for p in m.parameters()):
             half_precision_norms(m)
 

@@ -19,7 +19,8 @@ def grads_of(block, run):
     return out.detach(), {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("kind", ["cross_attention_down_block", "checkpointed_down_block", "motion_module"])
+@pytest.mark.parametrize("kind", ["cross_attention_down_block", "checkpointed_down_block", "channels_last_down_block",
+                                  "motion_module"])
 def test_compiled_blocks_match_eager(kind):
     from libs.unet_2d_condition import UNet2DConditionModel
     from libs.unet_motion_model import MotionAdapter, UNetMotionModel
@@ -40,7 +41,11 @@ def test_compiled_blocks_match_eager(kind):
     if kind.startswith("checkpointed"):  # compiled blocks called inside activation checkpoints
         unet.enable_gradient_checkpointing()
         assert block.gradient_checkpointing
-    compiled = compile_blocks(copy.deepcopy(block))
+    compiled = copy.deepcopy(block)
+    if kind.startswith("channels_last"):  # --channels_last compiled: NHWC weights and input, GroupNorms by channel
+        norms_by_channel(compiled.to(memory_format=torch.channels_last))
+        x = x.contiguous(memory_format=torch.channels_last)
+    compiled = compile_blocks(compiled)
     assert any(getattr(m, "_compiled_call_impl", None) is not None for m in compiled.modules())
     out_c, grads_c = grads_of(compiled, run)
     assert torch.allclose(out_c, out, rtol=1e-4, atol=1e-5)

@@ -1,12 +1,13 @@
 """The training step's numerics: reference fixtures, and every speed option against the plain fp32 step."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from diffueraser.speed import half_precision_norms
+from diffueraser.speed import configure_speed, half_precision_norms
 from diffueraser.trainer import TextEmbedder, diffusion_inputs, diffusion_loss, encode_latents, training_step
 from libs.brushnet_CA import BrushNetModel
 from libs.unet_2d_condition import UNet2DConditionModel
@@ -106,11 +107,13 @@ def step_loss_and_grads(reference, tmp_path, stage, *, checkpointing=False, chan
     else:
         brushnet.train()
     trained = [m for m in (unet, brushnet) if any(p.requires_grad for p in m.parameters())]
+    if channels_last:  # as a compiled --channels_last run: both nets NHWC, GroupNorms by channel
+        configure_speed(SimpleNamespace(enable_xformers_memory_efficient_attention=False, channels_last=True,
+                                        compile=True, fast_norms=False), unet, brushnet)
+        assert any(type(m).__name__ == "ChannelStatsGroupNorm" for m in unet.modules())
     for m in trained:
         if checkpointing:
             m.enable_gradient_checkpointing()
-        if channels_last:
-            m.to(memory_format=torch.channels_last)
         if fast_norms:
             half_precision_norms(m)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -148,8 +151,10 @@ def test_speed_options_keep_numerics(reference, tmp_path, stage):
         bf16 = step_loss_and_grads(reference, tmp_path, stage, dtype=torch.bfloat16)
         # half-precision norms under bf16 autocast: no further from fp32 than plain bf16 autocast is
         fast = step_loss_and_grads(reference, tmp_path, stage, dtype=torch.bfloat16, fast_norms=True)
+        nhwc = step_loss_and_grads(reference, tmp_path, stage, dtype=torch.bfloat16, channels_last=True)
     assert_close(bf16, plain, 0.1, 0.05)
     assert_close(fast, plain, 0.1, 0.05)
+    assert_close(nhwc, plain, 0.1, 0.05)
     # ...and in fp32 they are exactly the plain norms
     assert_close(step_loss_and_grads(reference, tmp_path, stage, fast_norms=True), plain, 1e-6, 1e-7)
 
