@@ -5,10 +5,12 @@
 #   setsid bash bench/gpu_session.sh OUT smoke > OUT.log 2>&1 &   # ~25 min
 #   setsid bash bench/gpu_session.sh OUT preset > OUT.log 2>&1 &  # ~10 min (bitsandbytes among the wheels)
 #   setsid bash bench/gpu_session.sh OUT caps > OUT.log 2>&1 &    # ~8 min: the 46 GiB cap, three runs at once
+#   EXTRA="--channels_last" setsid bash bench/gpu_session.sh OUT caps ...   # the same with a flag under trial
 #   TINY=1 bash bench/gpu_session.sh OUT MODE                       # the same glue on a CPU, tiny (minutes)
 #
-# steps: bench/train_step.py in one process, alone on the GPU: the default, --latent_cache and the compiled
-#        24 GB preset, both stages (same-run ratios; each configuration's peak per phase in the JSON). With
+# steps: bench/train_step.py in one process, alone on the GPU: the default (latent cache), --channels_last and
+#        the compiled 24 GB preset, both stages, then the whole-model compile (long compiles last; same-run
+#        ratios; each configuration's peak per phase in the JSON; CONFIGS=a,b,... chooses others). With
 #        CACHE_FROM=DIR... it starts from those compile caches (a preset or caps run's), merged. Then
 #        bench/attention.py: each attention call of both steps under every kernel.
 # smoke: bench/gpu_e2e.py (both scripts, stop, resume, converters) under a 46 GiB cap with validation on,
@@ -43,8 +45,8 @@ gpu_e2e.write_assets('$out/assets', '$tiny' != '')"
 echo "start $mode $(date -u +%H:%M:%S)" >> "$out/times"
 case $mode in
   steps)
-    configs=s1-default,s1-latent_cache,s1-24GB_compiled,s2-default,s2-latent_cache,s2-24GB_compiled
-    [ -n "$tiny" ] && configs=s1-default,s1-latent_cache,s2-default,s2-latent_cache  # bitsandbytes: GPU only
+    configs=${CONFIGS:-s1-latent_cache,s1-lc_cl_norm,s2-latent_cache,s2-lc_cl_norm,s1-24GB_compiled,s2-24GB_compiled,s1-lc_model,s2-lc_model}
+    [ -n "$tiny" ] && configs=${CONFIGS:-s1-latent_cache,s1-lc_cl_norm,s2-latent_cache,s2-lc_cl_norm}  # bitsandbytes: GPU only
     if [ -n "${CACHE_FROM:-}" ]; then  # content-addressed entries: merging caches is safe
       mkdir -p "$out/compile_cache"
       for c in $CACHE_FROM; do  # a missing one only costs a cold compile: say so
@@ -79,7 +81,7 @@ w('$out/evaldata', videos=('v0', 'v1'), nframes=$frames, size=$size)"
     part e2e_s2 python3 bench/gpu_e2e.py "$out/s2" --stage2_only --no_convert "${p[@]}" &
     wait ;;
   caps)  # three processes on one GPU, each capped; disk: ~56 GB at peak (one copy of the weights and data)
-    if [ -z "$tiny" ]; then cap46=(--extra "--memory_cap_gib 46"); else cap46=(--tiny --compile 0); fi
+    if [ -z "$tiny" ]; then cap46=(--extra="--memory_cap_gib 46 ${EXTRA:-}"); else cap46=(--tiny --compile 0 --extra="${EXTRA:-}"); fi
     shared_assets
     part e2e_s1 python3 bench/gpu_e2e.py "$out/s1" --stage1_only --no_stop --no_convert "${cap46[@]}" &
     part e2e_s2 python3 bench/gpu_e2e.py "$out/s2" --stage2_only --no_convert "${cap46[@]}" &
