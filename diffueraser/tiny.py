@@ -22,12 +22,12 @@ TINY_MOTION_ADAPTER = dict(
     motion_num_attention_heads=2, motion_norm_num_groups=2, motion_max_seq_length=32,
     use_motion_mid_block=True,
 )
-# Smaller still, for compiled runs on a CPU (every block shape is compiled on its own): 2 levels,
-# 1 layer each; the last width is 32 because the motion up block always has 32 norm groups.
-MICRO_UNET = dict(TINY_UNET, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], block_out_channels=[16, 32], layers_per_block=1,
-                  norm_num_groups=4)
-MICRO_MOTION_ADAPTER = dict(TINY_MOTION_ADAPTER, block_out_channels=[16, 32], motion_layers_per_block=1,
+# Smaller still, for compiled runs on a CPU (every block shape is compiled on its own, ~15 s each):
+# one level of one layer, so the down, mid and up blocks share shapes; width 32 because the motion
+# up block always has 32 norm groups.
+MICRO_UNET = dict(TINY_UNET, down_block_types=["CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D"],
+                  block_out_channels=[32], layers_per_block=1, norm_num_groups=4)
+MICRO_MOTION_ADAPTER = dict(TINY_MOTION_ADAPTER, block_out_channels=[32], motion_layers_per_block=1,
                             motion_norm_num_groups=4)
 TINY_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 16, 16, 16],
