@@ -45,6 +45,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_out", help="Folder for models, data, runs and weights.")
     parser.add_argument("--steps", type=int, default=6, help="Training steps per stage.")
+    parser.add_argument("--no_learning_check", action="store_true",
+                        help="End after stage 2 (CI: tests/test_learning_check.py runs the same check).")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
     data, weights = os.path.join(out, "data"), os.path.join(out, "weights")
@@ -72,6 +74,8 @@ def main(argv=None):
         print(f"    {gif}")
     if not gifs:
         raise SystemExit("no validation GIF was written")
+    if args.no_learning_check:
+        return
     print("\nlearning check: tiny stage-1 models trained 300 steps vs their untrained start (held-out videos)",
           flush=True)
     started = time.time()
