@@ -65,11 +65,16 @@ class StepGraph:
     `zero_grad` drops them. The loss comes back detached: a caller holding a warm-up step's
     autograd graph would keep its gradient accumulators alive on the default stream, and a
     capture that meets them is invalidated.
+
+    A capture that runs out of memory (the graph's pool cannot reuse the blocks the warm-up steps
+    freed, so a run near its card's limit can fail there) is dropped, and every step from then on
+    runs as the warm-up steps did: the same results, launched from Python again.
     """
 
     def __init__(self, fn, params, warmup=3):
         self.fn, self.params, self.warmup = fn, list(params), warmup
         self.calls, self.graph, self.static, self.grads, self.loss = 0, None, None, None, None
+        self.eager = False  # set once a capture ran out of memory
 
     def new_graph(self):
         return torch.cuda.CUDAGraph()
@@ -81,11 +86,12 @@ class StepGraph:
 
     def __call__(self, batch):
         self.calls += 1
-        if self.calls <= self.warmup:
+        if self.calls <= self.warmup or self.eager:
             return self.fn(batch).detach()
         if self.graph is None:
             self.static = {k: v.clone() for k, v in batch.items() if torch.is_tensor(v)}
-            self.capture()
+            if not self.capture():
+                return self.fn(batch).detach()
         else:
             self.load(batch)
         self.graph.replay()
@@ -122,10 +128,22 @@ class StepGraph:
         try:
             with self.capturing(self.graph):
                 self.loss = self.fn(self.static).detach()
+        except torch.OutOfMemoryError:
+            self.eager = True  # the partial graph, its pool and the error's frames go before the memory is emptied
         except Exception as e:
             raise RuntimeError(f"capturing the training step as a CUDA graph failed ({type(e).__name__}: {e}); "
                                "run with --cuda_graph 0 (resume with --resume_from_checkpoint latest)") from e
+        if self.eager:
+            self.release()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.warning("capturing the training step as a CUDA graph ran out of memory: the steps run without "
+                           "the graph from here (the same results; the CPU launches every kernel again, slower). "
+                           "To keep it, a step must need less memory (--vae_batch_size 4) or the card have more.")
+            return False
         self.grads = [p.grad for p in self.params]
+        return True
 
 
 def configure_cuda(args, accelerator):

@@ -93,6 +93,45 @@ def test_step_graph_warms_up_then_replays_on_fixed_buffers():
         graph(dict(x=torch.zeros(3, dtype=torch.float64)))
 
 
+def test_capture_out_of_memory_runs_the_steps_without_the_graph(caplog):
+    """Run 26: under a 46 GiB cap, --channels_last's stage-1 capture ran out of memory and the run
+    died. Now that step and every later one run as the warm-up steps did, on the caller's batch."""
+    from accelerate import PartialState
+
+    PartialState()  # accelerate's logger needs it, as in a run
+    w = torch.nn.Parameter(torch.ones(3))
+    seen, capturing = [], []
+
+    def fn(b):
+        seen.append(b["x"])
+        if capturing and capturing.pop():
+            w.grad = torch.zeros(3)  # what a partial capture leaves behind
+            raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+        loss = (w * b["x"]).sum()
+        loss.backward()
+        return loss
+
+    class OutOfMemoryAtCapture(RecordedGraph):
+        def capturing(self, graph):
+            capturing.append(True)
+            return super().capturing(graph)
+
+    graph = OutOfMemoryAtCapture(fn, [w], warmup=1)
+    graph(dict(x=torch.ones(3)))
+    w.grad = None
+    with caplog.at_level("WARNING"):
+        out = graph(dict(x=torch.full((3,), 2.0)))  # the capture fails; the step runs all the same
+    assert "ran out of memory" in caplog.text and graph.eager and graph.graph is None and graph.static is None
+    assert out.item() == 6.0 and torch.equal(w.grad, torch.full((3,), 2.0))
+    for value in (3.0, 4.0):
+        w.grad = None
+        x = torch.full((3,), value)
+        assert graph(dict(x=x)).item() == 3 * value and seen[-1] is x and torch.equal(w.grad, x)
+    assert graph.captures == 1 and not capturing  # no second attempt
+    graph.release()  # validation's out-of-memory retry: nothing to release, still without the graph
+    assert graph(dict(x=torch.ones(3))).item() == 3.0 and graph.graph is None
+
+
 def _fixed_batch(gen, f, device, text_dim):
     """Everything random drawn outside the step, so a replay and an eager run can be compared."""
     r = lambda *s: torch.randn(*s, generator=gen).to(device)  # noqa: E731
