@@ -88,8 +88,8 @@ def add_speed_args(parser):
                    help="Use xformers attention if installed (PyTorch SDPA is used otherwise; it is as fast).")
     g.add_argument("--channels_last", action="store_true",
                    help="channels_last memory format for the UNet and BrushNet; compiled, their GroupNorms take "
-                        "statistics per channel (as --vae_channel_norm). Stage 1 1.065x faster on an H200; off "
-                        "until it has run through the scripts on a GPU.")
+                        "statistics per channel (as --vae_channel_norm). On an H200 stage 1 1.065x faster with "
+                        "~1 GiB more memory, stage 2 0.98x.")
     g.add_argument("--fast_norms", action="store_true",
                    help="Run GroupNorm/LayerNorm of the trained nets in half precision under mixed precision.")
     g.add_argument("--compile", type=int, nargs="?", const=1, default=None, choices=[0, 1],

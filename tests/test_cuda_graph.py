@@ -132,6 +132,30 @@ def test_capture_out_of_memory_runs_the_steps_without_the_graph(caplog):
     assert graph(dict(x=torch.ones(3))).item() == 3.0 and graph.graph is None
 
 
+@gpu
+def test_capture_out_of_memory_on_the_gpu():
+    """The same with a real capture: an allocation too large for any card inside it (as run 26's under
+    its cap), then the steps run without the graph, drawing new random numbers every time."""
+    from accelerate import PartialState
+
+    PartialState()
+    w = torch.nn.Parameter(torch.ones(1024, device="cuda"))
+
+    def fn(b):
+        if torch.cuda.is_current_stream_capturing():
+            torch.empty(1 << 50, dtype=torch.uint8, device="cuda")  # 1 PiB
+        loss = (w * b["x"]).sum() + torch.randn((), device="cuda")
+        loss.backward()
+        return loss
+
+    graph, losses = StepGraph(fn, [w], warmup=1), []
+    for _ in range(4):
+        w.grad = None
+        losses.append(graph(dict(x=torch.ones(1024, device="cuda"))).item())
+        assert torch.equal(w.grad, torch.ones(1024, device="cuda"))
+    assert graph.eager and graph.graph is None and len(set(losses)) == 4
+
+
 def _fixed_batch(gen, f, device, text_dim):
     """Everything random drawn outside the step, so a replay and an eager run can be compared."""
     r = lambda *s: torch.randn(*s, generator=gen).to(device)  # noqa: E731
