@@ -66,9 +66,9 @@ class StepGraph:
     autograd graph would keep its gradient accumulators alive on the default stream, and a
     capture that meets them is invalidated.
 
-    A capture that runs out of memory (the graph's pool cannot reuse the blocks the warm-up steps
-    freed, so a run near its card's limit can fail there) is dropped, and every step from then on
-    runs as the warm-up steps did: the same results, launched from Python again.
+    A capture that runs out of memory (it needs a little more than a step run as it is: run 26,
+    stage 1 near a 46 GiB cap) is dropped with its pool, and that step and every later one run
+    as the warm-up steps did: the same results, launched from Python again.
     """
 
     def __init__(self, fn, params, warmup=3):
