@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType
 
+from diffueraser.validation import free_cached_memory
+
 logger = get_logger("diffueraser")
 
 
@@ -135,9 +137,7 @@ class StepGraph:
                                "run with --cuda_graph 0 (resume with --resume_from_checkpoint latest)") from e
         if self.eager:
             self.release()
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_cached_memory()
             logger.warning("capturing the training step as a CUDA graph ran out of memory: the steps run without "
                            "the graph from here (the same results; the CPU launches every kernel again, slower). "
                            "To keep it, a step must need less memory (--vae_batch_size 4) or the card have more.")

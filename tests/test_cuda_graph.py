@@ -98,7 +98,7 @@ def test_capture_out_of_memory_runs_the_steps_without_the_graph(caplog):
     died. Now that step and every later one run as the warm-up steps did, on the caller's batch."""
     from accelerate import PartialState
 
-    PartialState()  # accelerate's logger needs it, as in a run
+    PartialState(cpu=True)  # accelerate's logger needs it, as in a run
     w = torch.nn.Parameter(torch.ones(3))
     seen, capturing = [], []
 
