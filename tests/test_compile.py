@@ -98,3 +98,31 @@ def test_norms_by_channel_equal_group_norm(shape, groups, affine):
     half = by_channel.half()(x.half())  # fp16 in, fp16 out, as in the VAE
     assert half.dtype == torch.float16
     assert torch.allclose(half.float(), norm.half()(x.half()).float(), atol=1e-2)
+
+
+def test_whole_model_compile_matches_eager(monkeypatch):
+    """`--compile_scope model` (opt-in): the whole UNet traced as one graph, in place, keys unchanged. Inductor's code
+    generation is the blocks' (above); here AOT autograd's eager backend stands in for it (the whole tiny UNet through
+    inductor takes ~5 min on 2 cores), so what is tested is that the model traces, forward and backward, and keeps
+    its numbers."""
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="aot_eager", **kw))
+    from libs.unet_2d_condition import UNet2DConditionModel
+    from diffueraser.speed import compile_models
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    x, t, text = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 77, 20)
+    def run(m):
+        return m(x, t, encoder_hidden_states=text).sample
+    out, grads = grads_of(unet, run)
+    compiled = copy.deepcopy(unet)
+    compile_models(SimpleNamespace(compile_scope="model"), compiled)
+    assert compiled._compiled_call_impl is not None
+    assert not any(getattr(m, "_compiled_call_impl", None) is not None for m in compiled.down_blocks.modules())
+    out_c, grads_c = grads_of(compiled, run)
+    assert torch.allclose(out_c, out, rtol=1e-4, atol=1e-5)
+    assert grads_c.keys() == grads.keys() and grads
+    for name in grads:
+        assert torch.allclose(grads_c[name], grads[name], rtol=1e-3, atol=1e-6), name
+    assert compiled.state_dict().keys() == unet.state_dict().keys()
