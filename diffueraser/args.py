@@ -104,7 +104,7 @@ def add_speed_args(parser):
                         "so the channels-last encoder never copies an activation to NCHW order (same result).")
     g.add_argument("--compile_scope", default="blocks", choices=["blocks", "model"],
                    help="What --compile compiles in the UNet and BrushNet: each block (default, measured) or each "
-                        "whole model (longer compile, fusion across blocks; not yet measured on a GPU).")
+                        "whole model (longer compile, fusion across blocks; H200: 1.02x / 1.03x, 1-2 GiB more).")
     g.add_argument("--cuda_graph", type=int, nargs="?", const=1, default=None, choices=[0, 1],
                    help="Capture each step's forward + backward once as a CUDA graph and replay it, so the CPU no "
                         "longer launches thousands of kernels per step (default: on with one CUDA process, "
