@@ -156,13 +156,20 @@ def seconds_per_step(run_dir):
 
 
 def log_figures(text):
-    """Figures the trainer prints: peak memory, checkpoint save times, validation failures."""
+    """Figures the trainer prints: peak memory, checkpoint save times, validation failures, the CUDA graph's fate."""
     peak = re.findall(r"peak GPU memory: ([\d.]+) GiB allocated, ([\d.]+) GiB reserved", text)
     saves = re.findall(r"saved (\S+) in ([\d.]+) s", text)
     first = re.findall(r"first step done (\d+) s after start, (\d+) s of it in the step", text)
     failed = re.findall(r"validation at step \d+ failed: .*", text)
     cache = re.findall(r"latent cache \S+: (\d+) videos encoded in (\d+) s, (\d+) read", text)
-    return peak, saves, first, failed, cache
+    graph = None  # the trainer's words (diffueraser/speed.py, StepGraph.capture)
+    if "the steps run without the graph from here" in text:
+        graph = "dropped: its capture ran out of memory, the steps ran without it"
+    elif "trying once more with the optimizer's state in host memory" in text:
+        graph = "captured at the second try, the optimizer's state in host memory meanwhile"
+    elif "CUDA graph is on" in text:
+        graph = "captured"
+    return peak, saves, first, failed, cache, graph
 
 
 def folder_gb(path):
@@ -181,7 +188,7 @@ def check_gifs(report, run_dir, stage, steps, expected_clips=2):
 
 
 def stage_figures(report, stage, run_dir, log_text, cached):
-    peak, saves, first, failed, cache = log_figures(log_text)
+    peak, saves, first, failed, cache, graph = log_figures(log_text)
     for line in failed:
         report.fail(f"{stage}: {line}")
     if cache:  # one line per start of the script
@@ -189,6 +196,8 @@ def stage_figures(report, stage, run_dir, log_text, cached):
     elif cached:
         report.fail(f"{stage}: the scripts' latent cache was not used (no 'latent cache ... encoded' line)")
     report.add(f"{stage} s/step through the script (median)", f"{seconds_per_step(run_dir):.3f}")
+    if graph:
+        report.add(f"{stage} CUDA graph", graph)
     if peak:
         report.add(f"{stage} peak GPU memory, GiB (allocated / reserved)", " ; ".join(f"{a} / {r}" for a, r in peak))
     for path, secs in saves:

@@ -196,7 +196,7 @@ def run_config(name, stage, opts, args, accelerator, where=None):
         loss = forward(b)
         accelerator.backward(loss)
         return loss
-    graphed = StepGraph(forward_backward, params, warmup=max(0, args.warmup - 1)) if graph else None
+    graphed = StepGraph(forward_backward, params, max(0, args.warmup - 1), optimizer) if graph else None
 
     def step(mark=lambda name: None, eager=False):
         if baseline:  # the original: text encoder every step, gc + empty_cache every step

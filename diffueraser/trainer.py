@@ -353,7 +353,7 @@ def train(args, stage):
                              args.vae_batch_size)
         accelerator.backward(loss)
         return loss
-    step_fn = speed.graphed(forward_backward, params, accelerator) if args.cuda_graph else forward_backward
+    step_fn = speed.graphed(forward_backward, params, accelerator, optimizer) if args.cuda_graph else forward_backward
     if validate and args.cuda_graph:  # out of memory, validation's retry also frees the graph's pool
         validate.free_memory = lambda: (step_fn.release(), free_cached_memory())
 

@@ -237,7 +237,7 @@ class Validator:
 
 
 @contextlib.contextmanager
-def optimizer_state_in_host_memory(optimizer, device_type="cuda"):
+def optimizer_state_in_host_memory(optimizer, device_type="cuda", free=None):
     """Meanwhile, the optimizer's state on `device_type` (Adam's moments: 14 GB for stage 1's fp32
     AdamW, 3.5 GB in 8 bits) waits in host memory and its GPU memory is free. Every state tensor
     stays the same object and gets its values back, so a fused or compiled optimizer step goes on as
@@ -245,7 +245,8 @@ def optimizer_state_in_host_memory(optimizer, device_type="cuda"):
     Storages shared between parameters' states (bitsandbytes' quantisation maps) move once; none that
     a parameter or gradient uses moves; with less host memory free than the state and 2 GB, nothing
     moves. A state that cannot come back to the GPU ends the run with a RuntimeError: it cannot go on
-    without it (its checkpoints are whole)."""
+    without it (its checkpoints are whole). `free` (default: the cached blocks) makes room when a
+    tensor does not fit on its way back, before its second try."""
     inner = getattr(optimizer, "optimizer", optimizer)
     storages, used = {}, set()
     for group in getattr(inner, "param_groups", ()):
@@ -271,10 +272,10 @@ def optimizer_state_in_host_memory(optimizer, device_type="cuda"):
             parked.append((storage, host))
         yield len(parked)
     finally:
-        _restore(parked)
+        _restore(parked, free or free_cached_memory)
 
 
-def _restore(parked):
+def _restore(parked, free):
     free_cached_memory()  # what validation held goes back first
     lost = 0
     for storage, host in parked:
@@ -285,10 +286,10 @@ def _restore(parked):
                 break
             except torch.cuda.OutOfMemoryError:
                 lost += attempt == 2
-                free_cached_memory()
+                free()
     if lost:
-        raise RuntimeError(f"{lost} of the optimizer's state tensors could not return to the GPU after validation "
-                           "(out of memory); the run cannot go on without them: resume from its last checkpoint "
+        raise RuntimeError(f"{lost} of the optimizer's state tensors could not return to the GPU (out of memory); "
+                           "the run cannot go on without them: resume from its last checkpoint "
                            "(--resume_from_checkpoint latest), perhaps with a larger --validation_steps")
 
 
