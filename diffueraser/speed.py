@@ -130,7 +130,7 @@ class StepGraph:
             logger.info("capturing the training step as a CUDA graph ran out of memory; trying once more with "
                         "the optimizer's state in host memory meanwhile")
             with optimizer_state_in_host_memory(self.optimizer, self.params[0].device.type, free=self.drop_graph):
-                self.capture_once()
+                self.capture_once(second=True)
         if self.graph is None:
             self.eager, self.static = True, None
             logger.warning("capturing the training step as a CUDA graph ran out of memory: the steps run without "
@@ -140,25 +140,29 @@ class StepGraph:
         self.grads = [p.grad for p in self.params]
         return True
 
-    def capture_once(self):
+    def capture_once(self, second=False):
         for p in self.params:  # captured backward then assigns fresh gradient tensors of its own
             p.grad = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # the warm-up steps' cached blocks: the graph gets a pool of its own
-        self.graph, out_of_memory = self.new_graph(), False
+        self.graph, failed = self.new_graph(), False
         try:
             with self.capturing(self.graph):
                 self.loss = self.fn(self.static).detach()
         except torch.OutOfMemoryError:
-            out_of_memory = True  # the partial graph, its pool and the error's frames go before the memory is emptied
+            failed = True  # the partial graph, its pool and the error's frames go before the memory is emptied
         except Exception as e:
-            raise RuntimeError(f"capturing the training step as a CUDA graph failed ({type(e).__name__}: {e}); "
-                               "run with --cuda_graph 0 (resume with --resume_from_checkpoint latest)") from e
-        if out_of_memory:
+            if second:  # the first attempt's error may have left CUDA unfit for a second: go on without the graph
+                logger.warning(f"the second capture failed ({type(e).__name__}: {e})")
+                failed = True
+            else:
+                raise RuntimeError(f"capturing the training step as a CUDA graph failed ({type(e).__name__}: {e}); "
+                                   "run with --cuda_graph 0 (resume with --resume_from_checkpoint latest)") from e
+        if failed:
             self.drop_graph()
-        return not out_of_memory
+        return not failed
 
     def drop_graph(self):
         """The graph, its pool and its buffers go; the memory goes back to the card."""
