@@ -356,7 +356,8 @@ def fused_clip_step(accelerator, args, params, optimizer, loss):
 
     Returns read_later([loss, 1.0 if the gradients were not finite, the gradients' norm (unscaled),
     the loss scale used]), copied before the step is queued: reading it waits for the norm, not for
-    the update.
+    the update. Reading it also tells accelerate's optimizer wrapper whether the loss scaler skipped
+    (note_skip).
     """
     inner = getattr(optimizer, "optimizer", optimizer)
     scaler = loss_scaler(accelerator)
@@ -379,7 +380,22 @@ def fused_clip_step(accelerator, args, params, optimizer, loss):
                                  scaler._backoff_factor, scaler._growth_interval)
         for t, b in zip((scaler._scale, scaler._growth_tracker), before):  # a skipped step leaves it as it was
             t.copy_(torch.where(skip, b, t))
-    return reading
+
+    def read():
+        values = reading()
+        if scaler:
+            note_skip(optimizer, bool(values[1]))
+        return values
+    return read
+
+
+def note_skip(optimizer, skipped):
+    """Tell accelerate's optimizer wrapper whether the loss scaler skipped the update, so that its LR
+    scheduler skips that step too, as the original's (non-fused) AdamW under GradScaler does: a fused
+    AdamW is called even where GradScaler skips, so the wrapper cannot tell by itself. Returns skipped."""
+    if hasattr(optimizer, "step_was_skipped"):
+        optimizer._is_overflow = skipped
+    return skipped
 
 
 def read_later(t):

@@ -252,16 +252,16 @@ def update_state(step=0):
     return dict(step=step, bad_steps=0, window_ok=True, window_losses=[], skipped=0, grad_norm=None, loss_scale=None)
 
 def clip_and_step(accelerator, args, params, optimizer):
-    """accelerate's clip (it unscales fp16 gradients first), then the step. Returns (gradient norm,
-    loss scale, whether the loss scaler skipped the step); the norm is copied before the step is
-    queued, so reading it does not wait for the update."""
+    """accelerate's clip (unscaling fp16 gradients first), then the step: (gradient norm, loss scale, whether the
+    loss scaler skipped it); the norm is copied before the step is queued: reading it does not wait for the update."""
     scaler = speed.loss_scaler(accelerator)
     norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)  # DeepSpeed: a number or None
     reading = speed.read_later(torch.stack([norm.float(), (scaler._scale if scaler else norm).float()])) \
         if torch.is_tensor(norm) else None
     optimizer.step()
     norm, scale = reading() if reading else (norm, None)
-    return norm, scale if scaler else None, bool(getattr(optimizer, "step_was_skipped", False))
+    skipped = bool(scaler) and scale is not None and scaler.get_scale() < scale  # a fused AdamW is called all the same
+    return norm, scale if scaler else None, speed.note_skip(optimizer, skipped)
 
 def update(accelerator, args, state, loss, params, optimizer, lr_scheduler):
     """Clip, step and zero the gradients of one micro-batch; True once a whole update was made.

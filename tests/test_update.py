@@ -243,6 +243,29 @@ def test_folded_step_counts_as_an_optimizer_step_for_the_lr_scheduler():
                       opt, scheduler)
 
 
+
+def test_lr_scheduler_skips_with_the_loss_scaler_fold_on_and_off():
+    """fp16: an update the loss scaler skips (infinite gradients) is no LR step either, folded or not (accelerate's
+    scheduler asks its optimizer wrapper; the folded update tells it). Found in review: folded, the warm-up ran on."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.scheduler import AcceleratedScheduler
+
+    Accelerator(cpu=True)  # the state the scheduler reads (processes); the scaler is the test's, as fp16's on a GPU
+    counts = {}
+    for fold in (0, 1):
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scaler.scale(torch.ones(()))  # its scale tensor, as after the first scaled backward
+        params = make_params()
+        opt = AcceleratedOptimizer(adamw(params, fused=True), device_placement=False, scaler=scaler)
+        scheduler = AcceleratedScheduler(torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0), opt)
+        state, args = update_state(), SimpleNamespace(fold_clip=fold, **ARGS)
+        for step, inf in enumerate((False, True, False)):
+            set_grads(params, step, scaler.get_scale(), inf=inf)
+            update(fake_accelerator(scaler), args, state, torch.tensor(0.5), params, opt, scheduler)
+        counts[fold] = scheduler.scheduler.last_epoch, state["skipped"], scaler.get_scale()
+    assert counts[0] == counts[1] == (2, 1, 512.0)
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_read_later_reads_the_value_at_the_call():
     """The copy is taken when read_later is called: work queued afterwards does not change it."""
