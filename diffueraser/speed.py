@@ -127,10 +127,12 @@ class StepGraph:
         """Capture the step (a second time with the optimizer's state in host memory if the first ran
         out of memory); False where no graph came of it and the steps go on without one."""
         if not self.capture_once() and self.optimizer is not None:
-            logger.info("capturing the training step as a CUDA graph ran out of memory; trying once more with "
-                        "the optimizer's state in host memory meanwhile")
-            with optimizer_state_in_host_memory(self.optimizer, self.params[0].device.type, free=self.drop_graph):
-                self.capture_once(second=True)
+            device = self.params[0].device.type
+            with optimizer_state_in_host_memory(self.optimizer, device, free=self.drop_graph) as moved:
+                if moved:  # nothing parked (host memory short): the same capture would fail the same way
+                    logger.info("capturing the training step as a CUDA graph ran out of memory; trying once more "
+                                "with the optimizer's state in host memory meanwhile")
+                    self.capture_once(second=True)
         if self.graph is None:
             self.eager, self.static = True, None
             logger.warning("capturing the training step as a CUDA graph ran out of memory: the steps run without "
@@ -148,6 +150,7 @@ class StepGraph:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # the warm-up steps' cached blocks: the graph gets a pool of its own
         self.graph, failed = self.new_graph(), False
+        stream = torch.cuda.current_stream() if torch.cuda.is_available() else None
         try:
             with self.capturing(self.graph):
                 self.loss = self.fn(self.static).detach()
@@ -160,6 +163,9 @@ class StepGraph:
             else:
                 raise RuntimeError(f"capturing the training step as a CUDA graph failed ({type(e).__name__}: {e}); "
                                    "run with --cuda_graph 0 (resume with --resume_from_checkpoint latest)") from e
+        finally:
+            if stream is not None:  # a capture_end that raised leaves its capture stream current
+                torch.cuda.set_stream(stream)
         if failed:
             self.drop_graph()
         return not failed
@@ -387,6 +393,16 @@ def fused_clip_step(accelerator, args, params, optimizer, loss):
             note_skip(optimizer, bool(values[1]))
         return values
     return read
+
+
+def clip_stats(norm, scaler, optimizer):
+    """[the clipped gradients' norm, the loss scale (the norm again without a scaler), 1.0 where the
+    scaler's unscale_ (in accelerate's clip) found non-finite gradients]: one tensor, to be read
+    without waiting for the step (a fused AdamW is called even where GradScaler skips)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    found = scaler._per_optimizer_states[id(inner)]["found_inf_per_device"].values() if scaler else ()
+    inf = sum((f.to(norm.device) for f in found), torch.zeros((), device=norm.device)).clamp(max=1)
+    return torch.stack([norm.float(), (scaler._scale if scaler else norm).float(), inf])
 
 
 def note_skip(optimizer, skipped):

@@ -256,12 +256,11 @@ def clip_and_step(accelerator, args, params, optimizer):
     loss scaler skipped it); the norm is copied before the step is queued: reading it does not wait for the update."""
     scaler = speed.loss_scaler(accelerator)
     norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)  # DeepSpeed: a number or None
-    reading = speed.read_later(torch.stack([norm.float(), (scaler._scale if scaler else norm).float()])) \
-        if torch.is_tensor(norm) else None
+    reading = speed.read_later(speed.clip_stats(norm, scaler, optimizer)) if torch.is_tensor(norm) else None
     optimizer.step()
-    norm, scale = reading() if reading else (norm, None)
-    skipped = bool(scaler) and scale is not None and scaler.get_scale() < scale  # a fused AdamW is called all the same
-    return norm, scale if scaler else None, speed.note_skip(optimizer, skipped)
+    norm, scale, inf = reading() if reading else (norm, None, 0)
+    skipped = speed.note_skip(optimizer, inf > 0) if scaler else bool(getattr(optimizer, "step_was_skipped", False))
+    return norm, scale if scaler else None, skipped
 
 def update(accelerator, args, state, loss, params, optimizer, lr_scheduler):
     """Clip, step and zero the gradients of one micro-batch; True once a whole update was made.

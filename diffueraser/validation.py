@@ -259,7 +259,7 @@ def optimizer_state_in_host_memory(optimizer, device_type="cuda", free=None):
     storages = [s for ptr, s in storages.items() if ptr not in used]
     total = sum(s.nbytes() for s in storages)
     if total and total + 2 * 2**30 > psutil.virtual_memory().available:  # a host out of memory kills the process
-        warnings.warn(f"validation: {total / 1e9:.1f} GB of optimizer state stays on the GPU (host memory short)")
+        warnings.warn(f"{total / 1e9:.1f} GB of optimizer state stays on the GPU (host memory short)")
         storages = []
     parked = []
     try:

@@ -252,7 +252,7 @@ def test_lr_scheduler_skips_with_the_loss_scaler_fold_on_and_off():
     from accelerate.scheduler import AcceleratedScheduler
 
     Accelerator(cpu=True)  # the state the scheduler reads (processes); the scaler is the test's, as fp16's on a GPU
-    counts = {}
+    counts, clip = {}, torch.nn.utils.clip_grad_norm_
     for fold in (0, 1):
         scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
         scaler.scale(torch.ones(()))  # its scale tensor, as after the first scaled backward
@@ -262,7 +262,9 @@ def test_lr_scheduler_skips_with_the_loss_scaler_fold_on_and_off():
         state, args = update_state(), SimpleNamespace(fold_clip=fold, **ARGS)
         for step, inf in enumerate((False, True, False)):
             set_grads(params, step, scaler.get_scale(), inf=inf)
-            update(fake_accelerator(scaler), args, state, torch.tensor(0.5), params, opt, scheduler)
+            accelerator = fake_accelerator(scaler)  # its clip unscales first, as accelerate's
+            accelerator.clip_grad_norm_ = lambda ps, m: (scaler.unscale_(opt.optimizer), clip(ps, m))[1]
+            update(accelerator, args, state, torch.tensor(0.5), params, opt, scheduler)
         counts[fold] = scheduler.scheduler.last_epoch, state["skipped"], scaler.get_scale()
     assert counts[0] == counts[1] == (2, 1, 512.0)
 
