@@ -396,7 +396,7 @@ def fused_clip_step(accelerator, args, params, optimizer, loss):
 
 
 def clip_stats(norm, scaler, optimizer):
-    """[the clipped gradients' norm, the loss scale (the norm again without a scaler), 1.0 where the
+    """[the gradients' norm before clipping, the loss scale (the norm again without a scaler), 1.0 where the
     scaler's unscale_ (in accelerate's clip) found non-finite gradients]: one tensor, to be read
     without waiting for the step (a fused AdamW is called even where GradScaler skips)."""
     inner = getattr(optimizer, "optimizer", optimizer)
