@@ -241,6 +241,7 @@ def run_config(name, stage, opts, args, accelerator, where=None):
     measure(where["phase"])
     result = dict(config=name, stage=stage, frames=frames, resolution=res, options=opts,
                   compiled=bool(run_args.compile), cuda_graph=graph,
+                  graph_replayed=bool(graphed and graphed.graph is not None),  # False: the capture failed, eager
                   median_s=statistics.median(times), min_s=min(times), max_s=max(times),
                   trainable_params_M=sum(p.numel() for p in params) / 1e6)
     if cuda:  # the steady step's peak; a graph's also counts its capture, which fills the graph's pool

@@ -45,6 +45,16 @@ def resolve_cuda_graph(choice, args, accelerator):
     return bool(choice)
 
 
+def out_of_memory(error):
+    """True where `error`, or an error it was raised while handling, is CUDA's out of memory (a capture
+    whose end fails after an out of memory inside it raises the failed end, the out of memory as its context)."""
+    while error is not None:
+        if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def graphed(fn, params, accelerator, optimizer=None):
     """fn as a StepGraph (its capture may park the optimizer's state), and a line saying so."""
     graph = StepGraph(fn, params, optimizer=optimizer)
@@ -74,7 +84,10 @@ class StepGraph:
     forward and backward alone; stage 1's Adam moments are 14 GB). The state comes back after the
     capture; where it no longer fits beside the graph's pool, the graph goes instead. Without a
     graph, that step and every later one run as the warm-up steps did: the same results, launched
-    from Python again (run 27: 1.33x the time of a replayed stage-1 step).
+    from Python again (run 27: 1.33x the time of a replayed stage-1 step). Out of memory can also
+    reach us as the CUDA error of the capture's end that follows it (run 28, under 43 GiB), and
+    that failed end leaves the CUDA generator in capture mode, every later random draw an error:
+    its state is put back after any failed capture.
     """
 
     def __init__(self, fn, params, warmup=3, optimizer=None):
@@ -151,18 +164,20 @@ class StepGraph:
             torch.cuda.empty_cache()  # the warm-up steps' cached blocks: the graph gets a pool of its own
         self.graph, failed = self.new_graph(), False
         stream = torch.cuda.current_stream() if torch.cuda.is_available() else None
+        rng = torch.cuda.default_generators[torch.cuda.current_device()] if stream is not None else None
+        rng_state = rng.clone_state() if rng is not None else None
         try:
             with self.capturing(self.graph):
                 self.loss = self.fn(self.static).detach()
-        except torch.OutOfMemoryError:
-            failed = True  # the partial graph, its pool and the error's frames go before the memory is emptied
         except Exception as e:
-            if second:  # the first attempt's error may have left CUDA unfit for a second: go on without the graph
-                logger.warning(f"the second capture failed ({type(e).__name__}: {e})")
-                failed = True
-            else:
+            if rng is not None:  # a capture_end that raised leaves the generator in capture mode
+                rng.graphsafe_set_state(rng_state)
+            if not (second or out_of_memory(e)):
                 raise RuntimeError(f"capturing the training step as a CUDA graph failed ({type(e).__name__}: {e}); "
                                    "run with --cuda_graph 0 (resume with --resume_from_checkpoint latest)") from e
+            if second:  # the first attempt's error may have left CUDA unfit for a second: go on without the graph
+                logger.warning(f"the second capture failed ({type(e).__name__}: {e})")
+            failed = True  # the partial graph, its pool and the error's frames go before the memory is emptied
         finally:
             if stream is not None:  # a capture_end that raised leaves its capture stream current
                 torch.cuda.set_stream(stream)

@@ -94,9 +94,19 @@ def test_step_graph_warms_up_then_replays_on_fixed_buffers():
         graph(dict(x=torch.zeros(3, dtype=torch.float64)))
 
 
-def test_capture_out_of_memory_runs_the_steps_without_the_graph(caplog):
+def out_of_memory_at_capture_end():
+    """Run 28: out of memory inside the capture, then the capture's end fails; the end's error is raised."""
+    try:
+        raise torch.OutOfMemoryError("CUDA out of memory (a test)")
+    except torch.OutOfMemoryError:
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture (a test)")
+
+
+@pytest.mark.parametrize("how", ["out_of_memory", "at_capture_end"])
+def test_capture_out_of_memory_runs_the_steps_without_the_graph(caplog, how):
     """Run 26: under a 46 GiB cap, --channels_last's stage-1 capture ran out of memory and the run
-    died. Now that step and every later one run as the warm-up steps did, on the caller's batch."""
+    died. Now that step and every later one run as the warm-up steps did, on the caller's batch;
+    also where the out of memory comes as the context of the capture end's CUDA error (run 28)."""
     from accelerate import PartialState
 
     PartialState(cpu=True)  # accelerate's logger needs it, as in a run
@@ -107,6 +117,8 @@ def test_capture_out_of_memory_runs_the_steps_without_the_graph(caplog):
         seen.append(b["x"])
         if capturing and capturing.pop():
             w.grad = torch.zeros(3)  # what a partial capture leaves behind
+            if how == "at_capture_end":
+                out_of_memory_at_capture_end()
             raise torch.OutOfMemoryError("CUDA out of memory (a test)")
         loss = (w * b["x"]).sum()
         loss.backward()
@@ -131,6 +143,24 @@ def test_capture_out_of_memory_runs_the_steps_without_the_graph(caplog):
     assert graph.captures == 1 and not capturing  # no second attempt
     graph.release()  # validation's out-of-memory retry: nothing to release, still without the graph
     assert graph(dict(x=torch.ones(3))).item() == 3.0 and graph.graph is None
+
+
+def test_capture_error_other_than_out_of_memory_names_the_way_out():
+    """A first capture that fails for another reason (an operation a graph cannot hold) stops the run
+    with the way on: no silent switch to the slower eager steps."""
+    w = torch.nn.Parameter(torch.ones(3))
+
+    def fn(b):
+        if torch.is_grad_enabled() and b["x"][0] == 2:
+            raise RuntimeError("operation not permitted when stream is capturing (a test)")
+        loss = (w * b["x"]).sum()
+        loss.backward()
+        return loss
+
+    graph = RecordedGraph(fn, [w], warmup=1)
+    graph(dict(x=torch.ones(3)))
+    with pytest.raises(RuntimeError, match=r"CUDA graph failed \(RuntimeError: operation not permitted.*--cuda_graph 0"):
+        graph(dict(x=torch.full((3,), 2.0)))
 
 
 @pytest.mark.parametrize("second", ["fits", "state_does_not_fit_after", "fails", "host_memory_short"])
@@ -232,6 +262,54 @@ def test_capture_out_of_memory_on_the_gpu():
         assert torch.equal(w.grad, torch.ones(1024, device="cuda"))
     assert graph.eager and graph.graph is None and len(set(losses)) == 4
 
+
+
+@gpu
+def test_capture_end_failing_after_out_of_memory_on_the_gpu():
+    """Run 28: under 43 GiB the capture ran out of memory and its end then failed (the capture was
+    invalidated); the end's CUDA error, the out of memory as its context, and the CUDA generator left
+    in capture mode made the next random draw fail. Now the steps run without the graph and draw."""
+    from accelerate import PartialState
+
+    PartialState()
+    w = torch.nn.Parameter(torch.ones(1024, device="cuda"))
+    ends = []
+
+    def fn(b):
+        if torch.cuda.is_current_stream_capturing():
+            try:  # not allowed while capturing: the capture is invalidated, its end will fail
+                torch.cuda.current_stream().synchronize()
+            except Exception:
+                pass
+            torch.empty(1 << 50, dtype=torch.uint8, device="cuda")  # 1 PiB
+        loss = (w * b["x"]).sum() + torch.randn((), device="cuda")
+        loss.backward()
+        return loss
+
+    class Watched(StepGraph):
+        def capturing(self, graph):
+            real = super().capturing(graph)
+
+            class Ctx:
+                def __enter__(self):
+                    return real.__enter__()
+
+                def __exit__(self, *exc):
+                    try:
+                        return real.__exit__(*exc)
+                    except Exception as e:
+                        ends.append(e)
+                        raise
+            return Ctx()
+
+    graph, losses = Watched(fn, [w], warmup=1), []
+    for _ in range(3):
+        w.grad = None
+        losses.append(graph(dict(x=torch.ones(1024, device="cuda"))).item())
+        assert torch.equal(w.grad, torch.ones(1024, device="cuda"))
+    assert ends and isinstance(ends[0].__context__, torch.OutOfMemoryError)  # the case of run 28
+    assert graph.eager and graph.graph is None and len(set(losses)) == 3
+    torch.nn.Conv2d(4, 4, 3, device="cuda")  # run 28's next model: its init draws on the generator
 
 
 @gpu
