@@ -2,6 +2,7 @@
 # Stage 1 of DiffuEraser finetuning: UNet + BrushNet, 10 frames at 512.
 # Every path can be set from the environment, e.g.  WEIGHTS=/data/weights DAVIS=/data/DAVIS bash finetune_stage1.sh
 # Extra arguments are passed to the training script, e.g.  bash finetune_stage1.sh --max_train_steps 100
+# (they come last and win: --channels_last 0 turns off the channels-last nets, 1.06x on an H200, ~1 GiB more)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")" && pwd)   # paths below stay relative to where you run it
 source "$REPO/scripts/run_logged.sh"
@@ -36,6 +37,7 @@ run_logged "$LOG" accelerate launch ${ACCELERATE_CONFIG:+--config_file "$ACCELER
   --output_dir "$OUTPUT_DIR" \
   ${LATENT_CACHE:+--latent_cache "$LATENT_CACHE"} \
   --mixed_precision "$MIXED_PRECISION" \
+  --channels_last 1 \
   --resolution 512 \
   --nframes 10 \
   --learning_rate 5e-06 \

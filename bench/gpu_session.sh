@@ -74,7 +74,7 @@ w('$out/evaldata', videos=('v0', 'v1'), nframes=$frames, size=$size)"
   preset)  # at once, each capped; disk: one copy of the weights and data, no checkpoint kept
     if [ -z "$tiny" ]; then
       p=(--extra "--memory_cap_gib 22 --gradient_checkpointing --vae_batch_size 4")
-      p1=(--extra1=--use_8bit_adam)
+      p1=("--extra1=--use_8bit_adam --channels_last 0")  # as train.md's preset line
     else
       p=(--tiny --extra "--gradient_checkpointing --vae_batch_size 4"); p1=()
     fi

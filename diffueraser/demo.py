@@ -58,7 +58,8 @@ def main(argv=None):
     py = sys.executable
     stage1, stage2 = os.path.join(out, "finetune-stage1"), os.path.join(out, "finetune-stage2")
     converted1, converted2 = os.path.join(out, "converted", "stage1"), os.path.join(out, "converted", "stage2")
-    run([py, "train_DiffuEraser_stage1.py", *common_flags(out, data, stage1, args.steps, 4)])
+    run([py, "train_DiffuEraser_stage1.py", *common_flags(out, data, stage1, args.steps, 4),
+         "--channels_last", "1"])  # as finetune_stage1.sh
     run([py, "save_checkpoint_stage1.py", "--input_dir", os.path.join(stage1, "latest"), "--output_dir", converted1,
          "--force"])
     run([py, "train_DiffuEraser_stage2.py", *common_flags(out, data, stage2, args.steps, 6),

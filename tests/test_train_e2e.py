@@ -104,6 +104,8 @@ def test_speed_defaults(stage1_run):
     assert parse(base).compile is None
     assert parse(base + ["--compile"]).compile == 1
     assert parse(base + ["--compile", "0"]).compile == 0
+    assert parse(base).channels_last == 0 and parse(base + ["--channels_last"]).channels_last == 1
+    assert parse(base + ["--channels_last", "1", "--channels_last", "0"]).channels_last == 0  # the script's, then yours
 
 
 def test_converter_stage1(stage1_run, tmp_path):
@@ -309,7 +311,7 @@ def test_converters_refuse_partial_truncated_and_other_stage_checkpoints(stage1_
 
 @pytest.mark.parametrize("extra", [
     {"train_batch_size": 2, "gradient_accumulation_steps": 2, "mixed_precision": "no"},
-    {"mixed_precision": "bf16", "gradient_checkpointing": True, "report_to": "tensorboard"},
+    {"mixed_precision": "bf16", "gradient_checkpointing": True, "channels_last": 1, "report_to": "tensorboard"},
 ])
 def test_batch_accumulation_and_precision(assets, tmp_path, extra):
     clip = assets / "DAVIS" / "JPEGImages" / "480p" / "bear"
