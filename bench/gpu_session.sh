@@ -9,9 +9,9 @@
 #   TINY=1 bash bench/gpu_session.sh OUT MODE                       # the same glue on a CPU, tiny (minutes)
 #
 # steps: the CUDA-graph tests (tests/test_cuda_graph.py, ~1 min), then bench/train_step.py in one process, alone
-#        on the GPU: the default (latent cache) and the compiled 24 GB preset, both stages (same-run ratios; each
-#        configuration's peak per phase in the JSON; CONFIGS=a,b,... chooses others, e.g. s1-lc_cl_norm for
-#        --channels_last, runs 25-26, s1-lc_model for the whole-model compile, run 27). With
+#        on the GPU: the default (latent cache; stage 1 also as its script runs it, s1-lc_cl_norm: --channels_last,
+#        run 29) and the compiled 24 GB preset, both stages (same-run ratios; each configuration's peak per phase in
+#        the JSON; CONFIGS=a,b,... chooses others, e.g. s1-lc_model for the whole-model compile, run 27). With
 #        CACHE_FROM=DIR... it starts from those compile caches (a preset or caps run's), merged. Then
 #        bench/attention.py: each attention call of both steps under every kernel.
 # smoke: bench/gpu_e2e.py (both scripts, stop, resume, converters) under a 46 GiB cap with validation on,
@@ -46,7 +46,7 @@ gpu_e2e.write_assets('$out/assets', '$tiny' != '')"
 echo "start $mode $(date -u +%H:%M:%S)" >> "$out/times"
 case $mode in
   steps)
-    configs=${CONFIGS:-s1-latent_cache,s2-latent_cache,s1-24GB_compiled,s2-24GB_compiled}
+    configs=${CONFIGS:-s1-latent_cache,s1-lc_cl_norm,s2-latent_cache,s1-24GB_compiled,s2-24GB_compiled}
     [ -n "$tiny" ] && configs=${CONFIGS:-s1-latent_cache,s2-latent_cache}  # bitsandbytes: GPU only
     if [ -n "${CACHE_FROM:-}" ]; then  # content-addressed entries: merging caches is safe
       mkdir -p "$out/compile_cache"

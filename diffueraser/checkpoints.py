@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 
+import torch
 from safetensors.torch import load_file
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -321,12 +322,29 @@ def resume(accelerator, args, frozen=None):
                              f"{name} it was trained with, or start a new run (an output_dir without checkpoints).")
     accelerator.print(f"resuming from {path}")
     accelerator.load_state(path)
+    for optimizer in accelerator._optimizers:
+        moments_in_parameter_layout(optimizer, path)
     step = checkpoint_step(path)
     in_this_run = os.path.samefile(os.path.dirname(os.path.abspath(path)), args.output_dir)
     if accelerator.is_main_process and in_this_run:  # an older one of this run: set the newer aside
         abandon_newer_checkpoints(args.output_dir, step)
     accelerator.wait_for_everyone()
     return step, marker.get("data_position")
+
+
+def moments_in_parameter_layout(optimizer, path):
+    """Give each state tensor shaped as its parameter the parameter's memory layout. A checkpoint saved
+    under the other --channels_last (finetune_stage1.sh turned it on; a run begun before resumes with
+    it) holds Adam's moments in the old layout, which the fused AdamW refuses; values are kept. 8-bit
+    states are quantized in blocks of memory order: those cannot move, so the run stops instead."""
+    for param, state in getattr(optimizer, "optimizer", optimizer).state.items():
+        for key, value in state.items():
+            if not torch.is_tensor(value) or value.shape != param.shape or value.stride() == param.stride():
+                continue
+            if not value.is_floating_point():
+                raise SystemExit(f"{path}: its optimizer state ({key}) was saved with the other --channels_last "
+                                 "than this run's; resume with the value the checkpoint was trained with.")
+            state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def data_position(saved, step, steps_per_epoch, args, batches_per_epoch):

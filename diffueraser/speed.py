@@ -48,10 +48,15 @@ def resolve_cuda_graph(choice, args, accelerator):
 def out_of_memory(error):
     """True where `error`, or an error it was raised while handling, is CUDA's out of memory (a capture
     whose end fails after an out of memory inside it raises the failed end, the out of memory as its context)."""
-    while error is not None:
+    seen, todo = set(), [error]
+    while todo:
+        error = todo.pop()
+        if error is None or id(error) in seen:  # `raise e from e` makes a cycle
+            continue
         if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error):
             return True
-        error = error.__cause__ or error.__context__
+        seen.add(id(error))
+        todo += [error.__cause__, error.__context__]
     return False
 
 

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffueraser.checkpoints import (checkpoint_step, find_latest_checkpoint, list_checkpoints, prune_checkpoints,
                                      resolve_checkpoint)
@@ -211,3 +212,31 @@ def test_full_disk_on_one_process_stops_every_process(tmp_path):
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text().startswith(f"no space left on {tmp_path}")
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+def test_resume_under_the_other_channels_last_gives_the_moments_the_parameters_layout(tmp_path):
+    """finetune_stage1.sh turned --channels_last on: a run begun before resumes with NHWC convolutions and
+    NCHW Adam moments, which the fused AdamW on a GPU refuses. The moments take the parameters' layout, same
+    values; 8-bit states (quantized in memory order) cannot: the run stops, naming the flag."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from diffueraser.checkpoints import moments_in_parameter_layout, resume, save_checkpoint
+
+    conv = torch.nn.Conv2d(3, 4, 3)
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(conv.parameters())
+    conv, optimizer = accelerator.prepare(conv, optimizer)
+    conv(torch.randn(2, 3, 8, 8)).square().mean().backward()
+    optimizer.step()
+    saved = {k: v.clone() for k, v in optimizer.optimizer.state[conv.weight].items()}
+    save_checkpoint(accelerator, str(tmp_path), 2)
+    conv.to(memory_format=torch.channels_last)  # the resumed run's --channels_last 1
+    assert resume(accelerator, SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(tmp_path)))[0] == 2
+    state = optimizer.optimizer.state[conv.weight]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert state[key].stride() == conv.weight.stride() and torch.equal(state[key], saved[key]), key
+    state["state1"] = torch.zeros(conv.weight.shape, dtype=torch.uint8)  # bitsandbytes' 8-bit state, NCHW
+    with pytest.raises(SystemExit, match=r"ckpt: its optimizer state \(state1\).*--channels_last"):
+        moments_in_parameter_layout(optimizer, "ckpt")
