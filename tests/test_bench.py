@@ -74,3 +74,14 @@ def test_attention_bench_tiny_records_the_steps_own_calls(tmp_path):
     for r in results:
         assert all(ms > 0 for ms in r["ms"].values()) and r["ms"][r["best"]] <= r["ms"]["torch"]
     assert "ms with the best per shape" in proc.stdout
+
+
+def test_adamw_bench_tiny_checks_each_update_against_the_fused_one(tmp_path):
+    out = tmp_path / "adamw.json"
+    proc = subprocess.run([sys.executable, "bench/adamw.py", "--tensors", "4", "--reps", "1", "--variants",
+                           "fused,fused_flat,compiled_flat", "--json", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["tensors"] == 4 and list(r["results"]) == ["fused", "fused_flat", "compiled_flat"]
+    assert r["results"]["fused_flat"]["max_abs_diff_vs_fused"] == 0  # the same kernel, flat
+    assert r["results"]["compiled_flat"]["max_abs_diff_vs_fused"] < 1e-5  # the same update, rounding apart

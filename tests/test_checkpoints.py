@@ -214,10 +214,13 @@ def test_full_disk_on_one_process_stops_every_process(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
-def test_resume_under_the_other_channels_last_gives_the_moments_the_parameters_layout(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the fused AdamW's refusal happens on CUDA"))])
+def test_resume_under_the_other_channels_last_gives_the_moments_the_parameters_layout(tmp_path, device):
     """finetune_stage1.sh turned --channels_last on: a run begun before resumes with NHWC convolutions and
     NCHW Adam moments, which the fused AdamW on a GPU refuses. The moments take the parameters' layout, same
-    values; 8-bit states (quantized in memory order) cannot: the run stops, naming the flag."""
+    values, and the fused step runs; 8-bit states (quantized in memory order) cannot: the run stops, naming
+    the flag."""
     from types import SimpleNamespace
 
     from accelerate import Accelerator
@@ -225,10 +228,10 @@ def test_resume_under_the_other_channels_last_gives_the_moments_the_parameters_l
     from diffueraser.checkpoints import moments_in_parameter_layout, resume, save_checkpoint
 
     conv = torch.nn.Conv2d(3, 4, 3)
-    accelerator = Accelerator(cpu=True)
-    optimizer = torch.optim.AdamW(conv.parameters())
+    accelerator = Accelerator(cpu=device == "cpu")
+    optimizer = torch.optim.AdamW(conv.parameters(), fused=device == "cuda" or None)
     conv, optimizer = accelerator.prepare(conv, optimizer)
-    conv(torch.randn(2, 3, 8, 8)).square().mean().backward()
+    conv(torch.randn(2, 3, 8, 8, device=device)).square().mean().backward()
     optimizer.step()
     saved = {k: v.clone() for k, v in optimizer.optimizer.state[conv.weight].items()}
     save_checkpoint(accelerator, str(tmp_path), 2)
@@ -237,6 +240,9 @@ def test_resume_under_the_other_channels_last_gives_the_moments_the_parameters_l
     state = optimizer.optimizer.state[conv.weight]
     for key in ("exp_avg", "exp_avg_sq"):
         assert state[key].stride() == conv.weight.stride() and torch.equal(state[key], saved[key]), key
-    state["state1"] = torch.zeros(conv.weight.shape, dtype=torch.uint8)  # bitsandbytes' 8-bit state, NCHW
+    conv(torch.randn(2, 3, 8, 8, device=device).to(memory_format=torch.channels_last)).square().mean().backward()
+    optimizer.step()  # the fused AdamW on CUDA refused NCHW moments beside NHWC weights
+    assert int(state["step"]) == 2
+    state["state1"] = torch.zeros(conv.weight.shape, dtype=torch.uint8, device=device)  # bitsandbytes' 8-bit state, NCHW
     with pytest.raises(SystemExit, match=r"ckpt: its optimizer state \(state1\).*--channels_last"):
         moments_in_parameter_layout(optimizer, "ckpt")
