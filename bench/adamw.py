@@ -9,6 +9,7 @@ Variants, each from the same weights, gradients and moments:
   fused_flat       the same kernel over one flat tensor of as many elements (what the list layout costs)
   compiled_flat    one torch.compile'd pointwise AdamW over flat tensors (what a flat layout could reach)
   compiled_foreach torch.compile'd _foreach_ ops over the parameter list (horizontally fused kernels)
+  triton           this project's TritonAdamW (--fused_adam 2): one launch over the list, through a table of addresses
   copy             a flat fp32 copy, read + write (the bandwidth ceiling, same run)
 
 An update moves 28 bytes per parameter (reads weight, gradient and both moments; writes weight and
@@ -94,7 +95,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", type=int, default=1, choices=(1, 2))
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--variants", default="fused,fused_flat,compiled_flat,compiled_foreach,copy")
+    parser.add_argument("--variants", default="fused,fused_flat,compiled_flat,triton,copy")
     parser.add_argument("--tensors", type=int, default=0, help="only the first N tensors (a quick CPU check)")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -111,7 +112,7 @@ def main():
     scale, found_inf = torch.full((), 2.0, device=dev), torch.zeros((), device=dev)
     step = torch.ones((), device=dev)
     results, first = {}, {}
-    opt = ps = gs = lists = fn = None
+    opt = ps = lists = fn = None
 
     def views(t):
         return [x.view(-1) for x in t.split(sizes)]
@@ -128,27 +129,31 @@ def main():
             print(f"{variant:18s} {ms:7.2f} ms  {results[variant]['tb_s']:.2f} TB/s (read + write)", flush=True)
             del a
             continue
-        s = fresh()
-        if variant in ("fused", "fused_flat"):
-            ps = [torch.nn.Parameter(x) for x in (views(s["p"]) if variant == "fused" else [s["p"]])]
-            gs = views(s["g"]) if variant == "fused" else [s["g"]]
-            for p, g in zip(ps, gs):
+        listed = variant in ("fused", "triton")  # one allocation per tensor, as a model's parameters
+        s = {k: [x.clone() for x in views(t)] for k, t in flat.items()} if listed else fresh()
+        if variant in ("fused", "fused_flat", "triton"):
+            ps = [torch.nn.Parameter(x) for x in (s["p"] if listed else [s["p"]])]
+            for p, g in zip(ps, s["g"] if listed else [s["g"]]):
                 p.grad = g
-            opt = torch.optim.AdamW(ps, lr=LR, betas=(B1, B2), eps=EPS, weight_decay=WD, fused=True)
-            opt.step()  # creates the state
-            for p, m, v in zip(ps, views(s["m"]) if variant == "fused" else [s["m"]],
-                               views(s["v"]) if variant == "fused" else [s["v"]]):
+            hyper = dict(lr=LR, betas=(B1, B2), eps=EPS, weight_decay=WD)
+            if variant == "triton":
+                from diffueraser.triton_adamw import TritonAdamW
+                opt = TritonAdamW(ps, device=dev, **hyper)
+            else:
+                opt = torch.optim.AdamW(ps, fused=True, **hyper)
+            saved = [p.detach().clone() for p in ps]
+            opt.step()  # creates the state, then the state and weights are set back to the shared start
+            for p, m, v, w in zip(ps, s["m"] if listed else [s["m"]], s["v"] if listed else [s["v"]], saved):
                 opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"] = m, v
                 opt.state[p]["step"].zero_()
-            with torch.no_grad():
-                for p, x in zip(ps, views(flat["p"]) if variant == "fused" else [flat["p"]]):
-                    p.copy_(x.view_as(p))
+                p.detach().copy_(w)
+            del saved
             opt.grad_scale, opt.found_inf = scale, found_inf
 
             def run():
                 opt.step()
             run()
-            first[variant] = s["p"].clone() if variant == "fused_flat" else torch.cat([p.detach().view(-1) for p in ps])
+            first[variant] = torch.cat([p.detach().view(-1) for p in ps])
         elif variant == "compiled_flat":
             fn = torch.compile(adamw_flat_)
 
@@ -174,7 +179,7 @@ def main():
         results[variant] = dict(ms=ms, tb_s=28 * n / ms / 1e9, first_step_s=compile_s, max_abs_diff_vs_fused=diff)
         print(f"{variant:18s} {ms:7.2f} ms  {results[variant]['tb_s']:.2f} TB/s  first call {compile_s:.0f} s  "
               f"max |diff| vs fused {diff:.3g}", flush=True)
-        s = run = opt = ps = gs = lists = fn = None  # free this variant's copies before the next
+        s = run = opt = ps = lists = fn = None  # free this variant's copies before the next
         if dev == "cuda":
             torch.cuda.empty_cache()
     if "fused" in results:

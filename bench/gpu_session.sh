@@ -8,10 +8,11 @@
 #   EXTRA="--channels_last" setsid bash bench/gpu_session.sh OUT caps ...   # the same with a flag under trial
 #   TINY=1 bash bench/gpu_session.sh OUT MODE                       # the same glue on a CPU, tiny (minutes)
 #
-# steps: the CUDA-graph tests (tests/test_cuda_graph.py, ~1 min), then bench/train_step.py in one process, alone
-#        on the GPU: the default (latent cache; stage 1 also as its script runs it, s1-lc_cl_norm: --channels_last,
-#        run 29) and the compiled 24 GB preset, both stages (same-run ratios; each configuration's peak per phase in
-#        the JSON; CONFIGS=a,b,... chooses others, e.g. s1-lc_model for the whole-model compile, run 27). With
+# steps: the GPU tests (tests/test_cuda_graph.py, tests/test_triton_adamw.py, ~1 min), bench/adamw.py (the update
+#        alone by kernel, ~2 min), then bench/train_step.py in one process, alone on the GPU: the default (latent
+#        cache; stage 1 also as its script runs it, s1-lc_cl_norm: --channels_last, run 29), both with the Triton
+#        AdamW (*-triton_adamw: --fused_adam 2), and the compiled 24 GB preset, both stages (same-run ratios; each
+#        configuration's peak per phase in the JSON; CONFIGS=a,b,... chooses others, e.g. s1-lc_model for the whole-model compile, run 27). With
 #        CACHE_FROM=DIR... it starts from those compile caches (a preset or caps run's), merged. Then
 #        bench/attention.py: each attention call of both steps under every kernel.
 # smoke: bench/gpu_e2e.py (both scripts, stop, resume, converters) under a 46 GiB cap with validation on,
@@ -46,7 +47,7 @@ gpu_e2e.write_assets('$out/assets', '$tiny' != '')"
 echo "start $mode $(date -u +%H:%M:%S)" >> "$out/times"
 case $mode in
   steps)
-    configs=${CONFIGS:-s1-latent_cache,s1-lc_cl_norm,s2-latent_cache,s1-24GB_compiled,s2-24GB_compiled}
+    configs=${CONFIGS:-s1-latent_cache,s1-lc_cl_norm,s1-triton_adamw,s2-latent_cache,s2-triton_adamw,s1-24GB_compiled,s2-24GB_compiled}
     [ -n "$tiny" ] && configs=${CONFIGS:-s1-latent_cache,s2-latent_cache}  # bitsandbytes: GPU only
     if [ -n "${CACHE_FROM:-}" ]; then  # content-addressed entries: merging caches is safe
       mkdir -p "$out/compile_cache"
@@ -56,7 +57,8 @@ case $mode in
       done
       export TORCHINDUCTOR_CACHE_DIR=$out/compile_cache
     fi
-    part gpu_tests python3 -m pytest -q tests/test_cuda_graph.py  # on a CPU: its GPU tests skip
+    part gpu_tests python3 -m pytest -q tests/test_cuda_graph.py tests/test_triton_adamw.py  # on a CPU: GPU tests skip
+    [ -n "$tiny" ] || part adamw python3 bench/adamw.py --json "$out/adamw.json"
     part table python3 bench/train_step.py $tiny --configs $configs --json "$out/table.json"
     part attention python3 bench/attention.py $tiny --json "$out/attention.json" ;;  # ~1 min
   smoke)

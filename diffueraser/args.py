@@ -121,7 +121,9 @@ def add_speed_args(parser):
     g.add_argument("--latent_cache", type=str, default=None, metavar="DIR",
                    help="Keep the clean frames' VAE moments in DIR (computed once, ~65 KB a frame at 512) and draw "
                         "their latents from them: only the masked frames are encoded per step. Frame folders only.")
-    g.add_argument("--fused_adam", type=int, default=1, choices=[0, 1], help="Fused AdamW kernel on CUDA.")
+    g.add_argument("--fused_adam", type=int, default=1, choices=[0, 1, 2],
+                   help="1: torch's fused AdamW kernel on CUDA; 0: its foreach form; 2: this project's AdamW in one "
+                        "Triton launch over every parameter (opt-in: same update, same checkpoint format).")
     g.add_argument("--fold_clip", type=int, default=1, choices=[0, 1],
                    help="With the fused AdamW: unscale and clip the gradients inside its kernel (one pass over "
                         "the weights instead of three); 0: accelerate's clip_grad_norm_ then the step.")

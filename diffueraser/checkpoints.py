@@ -323,7 +323,7 @@ def resume(accelerator, args, frozen=None):
     accelerator.print(f"resuming from {path}")
     accelerator.load_state(path)
     for optimizer in accelerator._optimizers:
-        moments_in_parameter_layout(optimizer, path)
+        optimizer_as_this_run(optimizer, path)
     step = checkpoint_step(path)
     in_this_run = os.path.samefile(os.path.dirname(os.path.abspath(path)), args.output_dir)
     if accelerator.is_main_process and in_this_run:  # an older one of this run: set the newer aside
@@ -332,19 +332,31 @@ def resume(accelerator, args, frozen=None):
     return step, marker.get("data_position")
 
 
-def moments_in_parameter_layout(optimizer, path):
-    """Give each state tensor shaped as its parameter the parameter's memory layout. A checkpoint saved
-    under the other --channels_last (finetune_stage1.sh turned it on; a run begun before resumes with
-    it) holds Adam's moments in the old layout, which the fused AdamW refuses; values are kept. 8-bit
-    states are quantized in blocks of memory order: those cannot move, so the run stops instead."""
-    for param, state in getattr(optimizer, "optimizer", optimizer).state.items():
-        for key, value in state.items():
-            if not torch.is_tensor(value) or value.shape != param.shape or value.stride() == param.stride():
-                continue
-            if not value.is_floating_point():
-                raise SystemExit(f"{path}: its optimizer state ({key}) was saved with the other --channels_last "
-                                 "than this run's; resume with the value the checkpoint was trained with.")
-            state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+def optimizer_as_this_run(optimizer, path):
+    """After load_state: the checkpoint's values in this run's optimizer as this run configured it.
+
+    torch's load_state_dict also takes the saved groups' kernel choices (fused, foreach, capturable):
+    a run resumed under another --fused_adam would keep the old kernel (torch's foreach AdamW then
+    refuses the folded clip's grad_scale), so they are put back, and steps move to the parameters'
+    device where the kernel wants them there. Each state tensor shaped as its parameter takes the
+    parameter's memory layout: a checkpoint saved under the other --channels_last (finetune_stage1.sh
+    turned it on) holds Adam's moments in the old one, which the fused kernels refuse; values are kept.
+    8-bit states are quantized in blocks of memory order: those cannot move, so the run stops instead."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for group in inner.param_groups:
+        group.update({k: inner.defaults[k] for k in ("fused", "foreach", "capturable") if k in inner.defaults})
+        on_device = group.get("fused") or group.get("capturable")
+        for param in group["params"]:
+            state = inner.state.get(param, {})
+            for key, value in state.items():
+                if key == "step" and on_device and torch.is_tensor(value) and value.device != param.device:
+                    state[key] = value.to(param.device, torch.float32)
+                if not torch.is_tensor(value) or value.shape != param.shape or value.stride() == param.stride():
+                    continue
+                if not value.is_floating_point():
+                    raise SystemExit(f"{path}: its optimizer state ({key}) was saved with the other --channels_last "
+                                     "than this run's; resume with the value the checkpoint was trained with.")
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def data_position(saved, step, steps_per_epoch, args, batches_per_epoch):

@@ -225,7 +225,7 @@ def test_resume_under_the_other_channels_last_gives_the_moments_the_parameters_l
 
     from accelerate import Accelerator
 
-    from diffueraser.checkpoints import moments_in_parameter_layout, resume, save_checkpoint
+    from diffueraser.checkpoints import optimizer_as_this_run, resume, save_checkpoint
 
     conv = torch.nn.Conv2d(3, 4, 3)
     accelerator = Accelerator(cpu=device == "cpu")
@@ -245,4 +245,4 @@ def test_resume_under_the_other_channels_last_gives_the_moments_the_parameters_l
     assert int(state["step"]) == 2
     state["state1"] = torch.zeros(conv.weight.shape, dtype=torch.uint8, device=device)  # bitsandbytes' 8-bit state, NCHW
     with pytest.raises(SystemExit, match=r"ckpt: its optimizer state \(state1\).*--channels_last"):
-        moments_in_parameter_layout(optimizer, "ckpt")
+        optimizer_as_this_run(optimizer, "ckpt")
