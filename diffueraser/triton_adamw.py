@@ -73,8 +73,9 @@ class TritonAdamW(torch.optim.AdamW):
         self._tables = {}  # group index -> (addresses the table was built from, device tables)
 
     def _table(self, i, params):
-        """Per-block (tensor, start) and per-tensor addresses and sizes on the device, rebuilt only
-        when a tensor moved (a new gradient, moments parked in host memory and back)."""
+        """Per-tensor addresses and sizes, per-block (tensor, start), on the device. The addresses are
+        rebuilt when a tensor moved (a new gradient, moments parked in host memory and back), the
+        blocks only when the sizes changed."""
         tensors = [(p, p.grad, self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"]) for p in params]
         key = [t.data_ptr() for row in tensors for t in row]
         cached = self._tables.get(i)
@@ -88,13 +89,17 @@ class TritonAdamW(torch.optim.AdamW):
                 raise ValueError(f"--fused_adam 2: parameter {j} of group {i} is not dense in memory")
         if any(a % 16 for a in key):  # the kernel loads whole blocks in 16-byte vectors
             raise ValueError("--fused_adam 2: a parameter, gradient or moment is not 16-byte aligned; use --fused_adam 1")
-        sizes = [p.numel() for p in params]
-        blocks = [(j, s) for j, n in enumerate(sizes) for s in range(0, n, BLOCK)]
         dev = params[0].device
-        table = dict(block_tensor=torch.tensor([j for j, _ in blocks], dtype=torch.int32, device=dev),
-                     block_start=torch.tensor([s for _, s in blocks], dtype=torch.int64, device=dev),
-                     addrs=torch.tensor(key, dtype=torch.int64, device=dev),
-                     numels=torch.tensor(sizes, dtype=torch.int64, device=dev))
+        numels = torch.tensor([p.numel() for p in params], dtype=torch.int64, device=dev)
+        if cached and torch.equal(cached[1]["numels"], numels):
+            table = dict(cached[1])
+        else:
+            counts = (numels + BLOCK - 1) // BLOCK  # blocks per tensor
+            block_tensor = torch.repeat_interleave(torch.arange(len(params), device=dev), counts)
+            first = torch.cumsum(counts, 0) - counts  # each tensor's first block
+            block_start = (torch.arange(block_tensor.numel(), device=dev) - first[block_tensor]) * BLOCK
+            table = dict(block_tensor=block_tensor.int(), block_start=block_start, numels=numels)
+        table["addrs"] = torch.tensor(key, dtype=torch.int64, device=dev)
         self._tables[i] = (key, table)
         return table
 
