@@ -130,6 +130,6 @@ class TritonAdamW(torch.optim.AdamW):
             table = self._table(i, params)
             n_blocks = table["block_tensor"].numel()
             adamw_blocks[(n_blocks,)](table["block_tensor"], table["block_start"], table["addrs"], table["numels"],
-                                 coefs, torch.stack([inf, scale]), 1 - lr * group["weight_decay"], beta1, beta2,
-                                 group["eps"], BLOCK=BLOCK)
+                                      coefs, torch.stack([inf, scale]), 1 - lr * group["weight_decay"], beta1,
+                                      beta2, group["eps"], BLOCK=BLOCK)
         return loss
