@@ -213,6 +213,8 @@ def check_args(args):
     check_data_args(args)
     if args.resolution % 8:
         raise SystemExit(f"--resolution: {args.resolution} is not a multiple of 8")
+    if args.use_8bit_adam and args.fused_adam == 2:
+        raise SystemExit("--fused_adam 2 and --use_8bit_adam: two different AdamW kernels; choose one")
     for flag in ("nframes", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                  "validation_steps"):
         if getattr(args, flag) < 1:

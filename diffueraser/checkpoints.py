@@ -332,26 +332,34 @@ def resume(accelerator, args, frozen=None):
     return step, marker.get("data_position")
 
 
+def same_order(a, b):
+    """True where a and b lay out their elements in the same memory order (the strides of size-1 dims,
+    e.g. a 1x1 convolution's, do not matter)."""
+    return all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
 def optimizer_as_this_run(optimizer, path):
     """After load_state: the checkpoint's values in this run's optimizer as this run configured it.
 
     torch's load_state_dict also takes the saved groups' kernel choices (fused, foreach, capturable):
     a run resumed under another --fused_adam would keep the old kernel (torch's foreach AdamW then
-    refuses the folded clip's grad_scale), so they are put back, and steps move to the parameters'
-    device where the kernel wants them there. Each state tensor shaped as its parameter takes the
-    parameter's memory layout: a checkpoint saved under the other --channels_last (finetune_stage1.sh
-    turned it on) holds Adam's moments in the old one, which the fused kernels refuse; values are kept.
-    8-bit states are quantized in blocks of memory order: those cannot move, so the run stops instead."""
+    refuses the folded clip's grad_scale), so they are put back, and each step count goes where the
+    kernel reads it (the device for fused and capturable ones, else the host: a foreach AdamW would
+    read each from the GPU). Each state tensor shaped as its parameter takes the parameter's memory
+    order: a checkpoint saved under the other --channels_last (finetune_stage1.sh turned it on) holds
+    Adam's moments in the old one, which the fused kernels refuse; values are kept. 8-bit states are
+    quantized in blocks of memory order: those cannot move, so the run stops instead."""
     inner = getattr(optimizer, "optimizer", optimizer)
+    defaults = getattr(inner, "defaults", {})  # DeepSpeed's optimizer keeps its own
     for group in inner.param_groups:
-        group.update({k: inner.defaults[k] for k in ("fused", "foreach", "capturable") if k in inner.defaults})
+        group.update({k: defaults[k] for k in ("fused", "foreach", "capturable") if k in defaults})
         on_device = group.get("fused") or group.get("capturable")
         for param in group["params"]:
             state = inner.state.get(param, {})
-            for key, value in state.items():
-                if key == "step" and on_device and torch.is_tensor(value) and value.device != param.device:
-                    state[key] = value.to(param.device, torch.float32)
-                if not torch.is_tensor(value) or value.shape != param.shape or value.stride() == param.stride():
+            for key, value in list(state.items()):
+                if key == "step" and torch.is_tensor(value) and "fused" in group:  # torch's AdamW
+                    state[key] = value.to(param.device if on_device else "cpu", torch.float32)
+                if not torch.is_tensor(value) or value.shape != param.shape or same_order(value, param):
                     continue
                 if not value.is_floating_point():
                     raise SystemExit(f"{path}: its optimizer state ({key}) was saved with the other --channels_last "

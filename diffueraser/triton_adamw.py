@@ -9,29 +9,35 @@ The state is torch.optim.AdamW's (exp_avg, exp_avg_sq, a float32 step per parame
 so checkpoints move freely between this and torch's AdamW, and the loss scaler's grad_scale/found_inf
 are read as torch's fused AdamW reads them (speed.fused_clip_step).
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from diffueraser.checkpoints import same_order
+
 BLOCK = 4096  # elements per program
-INTERPRETED = bool(triton.knobs.runtime.interpret)  # TRITON_INTERPRET=1 at import: the kernels run on CPU tensors
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # at import: the kernels run on CPU tensors (tests)
 
 
 @triton.jit
-def update(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, scale, step_size, bc2_sqrt, decay, beta1, beta2, eps):
+def update(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, scale, step_size, bc2_sqrt, lr_wd, beta1, rest1, beta2, rest2, eps):
     """AdamW on the elements at offs, as torch's fused kernel: decoupled decay, the gradient divided by the
-    loss scale (and the clip coefficient, speed.fused_clip_step), bias-corrected moments."""
+    loss scale (and the clip coefficient, speed.fused_clip_step), bias-corrected moments. rest1/rest2 are
+    1 - beta1/beta2 taken on the host (in fp32, 1 - 0.999 would lose 1.3e-5); square root and division
+    correctly rounded, as in torch's CUDA kernel."""
     p = tl.load(p_ptr + offs, mask=mask)
-    g = tl.load(g_ptr + offs, mask=mask) / scale
-    m = beta1 * tl.load(m_ptr + offs, mask=mask) + (1 - beta1) * g
-    v = beta2 * tl.load(v_ptr + offs, mask=mask) + (1 - beta2) * g * g
-    p = p * decay - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+    g = tl.div_rn(tl.load(g_ptr + offs, mask=mask), scale)
+    m = beta1 * tl.load(m_ptr + offs, mask=mask) + rest1 * g
+    v = beta2 * tl.load(v_ptr + offs, mask=mask) + rest2 * g * g
+    p = p - lr_wd * p - tl.div_rn(step_size * m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
     tl.store(p_ptr + offs, p, mask=mask)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
 
 @triton.jit
-def adamw_blocks(block_tensor, block_start, addrs, numels, coefs, flags, decay, beta1, beta2, eps,
+def adamw_blocks(block_tensor, block_start, addrs, numels, coefs, flags, lr_wd, beta1, rest1, beta2, rest2, eps,
                  BLOCK: tl.constexpr):
     """One block of one tensor: addrs holds (weight, gradient, exp_avg, exp_avg_sq) per tensor, each
     16-byte aligned; coefs (step size, sqrt of the second bias correction) per tensor; flags
@@ -41,7 +47,8 @@ def adamw_blocks(block_tensor, block_start, addrs, numels, coefs, flags, decay, 
         t = tl.load(block_tensor + b)
         start = tl.multiple_of(tl.load(block_start + b), BLOCK)
         n = tl.load(numels + t)
-        args = (tl.load(flags + 1), tl.load(coefs + 2 * t), tl.load(coefs + 2 * t + 1), decay, beta1, beta2, eps)
+        args = (tl.load(flags + 1), tl.load(coefs + 2 * t), tl.load(coefs + 2 * t + 1), lr_wd, beta1, rest1, beta2,
+                rest2, eps)
         p = tl.multiple_of(tl.load(addrs + 4 * t).to(tl.pointer_type(tl.float32)), 16)
         g = tl.multiple_of(tl.load(addrs + 4 * t + 1).to(tl.pointer_type(tl.float32)), 16)
         m = tl.multiple_of(tl.load(addrs + 4 * t + 2).to(tl.pointer_type(tl.float32)), 16)
@@ -53,10 +60,9 @@ def adamw_blocks(block_tensor, block_start, addrs, numels, coefs, flags, decay, 
             update(p, g, m, v, offs, offs < n, *args)
 
 
-def same_order(a, b):
-    """True where a and b lay out their elements in the same memory order (the strides of size-1 dims,
-    e.g. a 1x1 convolution's, do not matter)."""
-    return all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+def to_device(values, device):
+    """A host list as an int64 tensor on the device, copied without waiting for the GPU."""
+    return torch.tensor(values, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 
 class TritonAdamW(torch.optim.AdamW):
@@ -74,10 +80,10 @@ class TritonAdamW(torch.optim.AdamW):
 
     def _table(self, i, params):
         """Per-tensor addresses and sizes, per-block (tensor, start), on the device. The addresses are
-        rebuilt when a tensor moved (a new gradient, moments parked in host memory and back), the
-        blocks only when the sizes changed."""
+        rebuilt when a tensor moved (a new gradient each step without the CUDA graph, moments parked in
+        host memory and back), the blocks only when the sizes changed; neither waits for the GPU."""
         tensors = [(p, p.grad, self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"]) for p in params]
-        key = [t.data_ptr() for row in tensors for t in row]
+        key = ([t.data_ptr() for row in tensors for t in row], [(p.numel(), p.stride()) for p in params])
         cached = self._tables.get(i)
         if cached and cached[0] == key:
             return cached[1]
@@ -87,25 +93,29 @@ class TritonAdamW(torch.optim.AdamW):
                                  "float32 gradient and moments in its own memory layout; use --fused_adam 1")
             if not (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)):
                 raise ValueError(f"--fused_adam 2: parameter {j} of group {i} is not dense in memory")
-        if any(a % 16 for a in key):  # the kernel loads whole blocks in 16-byte vectors
+        if any(a % 16 for a in key[0]):  # the kernel loads whole blocks in 16-byte vectors
             raise ValueError("--fused_adam 2: a parameter, gradient or moment is not 16-byte aligned; use --fused_adam 1")
         dev = params[0].device
-        numels = torch.tensor([p.numel() for p in params], dtype=torch.int64, device=dev)
-        if cached and torch.equal(cached[1]["numels"], numels):
+        sizes = [n for n, _ in key[1]]
+        if cached and [n for n, _ in cached[0][1]] == sizes:
             table = dict(cached[1])
         else:
-            counts = (numels + BLOCK - 1) // BLOCK  # blocks per tensor
-            block_tensor = torch.repeat_interleave(torch.arange(len(params), device=dev), counts)
-            first = torch.cumsum(counts, 0) - counts  # each tensor's first block
-            block_start = (torch.arange(block_tensor.numel(), device=dev) - first[block_tensor]) * BLOCK
+            counts = [(n + BLOCK - 1) // BLOCK for n in sizes]  # blocks per tensor
+            numels, counts_t = (to_device(x, dev) for x in (sizes, counts))
+            block_tensor = torch.repeat_interleave(torch.arange(len(sizes), device=dev), counts_t, output_size=sum(counts))
+            first = torch.cumsum(counts_t, 0) - counts_t  # each tensor's first block
+            block_start = (torch.arange(sum(counts), device=dev) - first[block_tensor]) * BLOCK
             table = dict(block_tensor=block_tensor.int(), block_start=block_start, numels=numels)
-        table["addrs"] = torch.tensor(key, dtype=torch.int64, device=dev)
+        table["addrs"] = to_device(key[0], dev)
         self._tables[i] = (key, table)
         return table
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = closure() if closure is not None else None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for i, group in enumerate(self.param_groups):
             if group["amsgrad"] or group["maximize"]:
@@ -120,6 +130,8 @@ class TritonAdamW(torch.optim.AdamW):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=dev)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif state["step"].device != dev:  # a state loaded on the host (resume() puts it here itself)
+                    state["step"] = state["step"].to(dev, torch.float32)
             inf = found_inf.to(dev, torch.float32) if found_inf is not None else torch.zeros((), device=dev)
             scale = grad_scale.to(dev, torch.float32) if grad_scale is not None else torch.ones((), device=dev)
             steps = [self.state[p]["step"] for p in params]
@@ -130,6 +142,6 @@ class TritonAdamW(torch.optim.AdamW):
             table = self._table(i, params)
             n_blocks = table["block_tensor"].numel()
             adamw_blocks[(n_blocks,)](table["block_tensor"], table["block_start"], table["addrs"], table["numels"],
-                                      coefs, torch.stack([inf, scale]), 1 - lr * group["weight_decay"], beta1,
-                                      beta2, group["eps"], BLOCK=BLOCK)
+                                      coefs, torch.stack([inf, scale]), lr * group["weight_decay"], beta1,
+                                      1 - beta1, beta2, 1 - beta2, group["eps"], BLOCK=BLOCK)
         return loss

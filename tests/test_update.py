@@ -90,6 +90,8 @@ def test_fold_only_where_it_holds():
     assert not folds_clip(acc, SimpleNamespace(fold_clip=0, **ARGS), adamw(params, fused=True))
     acc.distributed_type = DistributedType.DEEPSPEED  # its own clip and step
     assert not folds_clip(acc, on, adamw(params, fused=True))
+    zero = SimpleNamespace(param_groups=[], state={})  # DeepSpeed's ZeRO optimizer: no `defaults`
+    assert not folds_clip(acc, on, SimpleNamespace(optimizer=zero))
     acc.distributed_type = DistributedType.MULTI_GPU  # DDP: gradients are already reduced
     assert folds_clip(acc, on, SimpleNamespace(optimizer=adamw(params, fused=True)))  # accelerate's wrapper
 
