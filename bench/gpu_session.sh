@@ -8,7 +8,7 @@
 #   EXTRA="--channels_last" setsid bash bench/gpu_session.sh OUT caps ...   # the same with a flag under trial
 #   TINY=1 bash bench/gpu_session.sh OUT MODE                       # the same glue on a CPU, tiny (minutes)
 #
-# steps: the GPU tests (tests/test_cuda_graph.py, tests/test_triton_adamw.py, ~1 min), bench/adamw.py (the update
+# steps: the GPU tests (test_cuda_graph.py, test_triton_adamw.py, test_checkpoints.py, ~1 min), bench/adamw.py (the update
 #        alone by kernel, ~2 min), then bench/train_step.py in one process, alone on the GPU: the default (latent
 #        cache; stage 1 also as its script runs it, s1-lc_cl_norm: --channels_last, run 29), both with the Triton
 #        AdamW (*-triton_adamw: --fused_adam 2), and the compiled 24 GB preset, both stages (same-run ratios; each
@@ -57,7 +57,7 @@ case $mode in
       done
       export TORCHINDUCTOR_CACHE_DIR=$out/compile_cache
     fi
-    part gpu_tests python3 -m pytest -q tests/test_cuda_graph.py tests/test_triton_adamw.py  # on a CPU: GPU tests skip
+    part gpu_tests python3 -m pytest -q tests/test_cuda_graph.py tests/test_triton_adamw.py tests/test_checkpoints.py  # CPU: GPU ones skip
     [ -n "$tiny" ] || part adamw python3 bench/adamw.py --json "$out/adamw.json"
     part table python3 bench/train_step.py $tiny --configs $configs --json "$out/table.json"
     part attention python3 bench/attention.py $tiny --json "$out/attention.json" ;;  # ~1 min
