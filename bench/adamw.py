@@ -9,7 +9,6 @@ Variants, each from the same weights, gradients and moments:
   fused_flat       the same kernel over one flat tensor of as many elements (what the list layout costs)
   compiled_flat    one torch.compile'd pointwise AdamW over flat tensors (what a flat layout could reach)
   compiled_foreach torch.compile'd _foreach_ ops over the parameter list (horizontally fused kernels)
-  triton           this project's TritonAdamW (--fused_adam 2): one launch over the list, through a table of addresses
   copy             a flat fp32 copy, read + write (the bandwidth ceiling, same run)
 
 An update moves 28 bytes per parameter (reads weight, gradient and both moments; writes weight and
@@ -95,7 +94,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", type=int, default=1, choices=(1, 2))
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--variants", default="fused,fused_flat,compiled_flat,triton,copy")
+    parser.add_argument("--variants", default="fused,fused_flat,compiled_flat,copy")
     parser.add_argument("--tensors", type=int, default=0, help="only the first N tensors (a quick CPU check)")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -129,18 +128,13 @@ def main():
             print(f"{variant:18s} {ms:7.2f} ms  {results[variant]['tb_s']:.2f} TB/s (read + write)", flush=True)
             del a
             continue
-        listed = variant in ("fused", "triton")  # one allocation per tensor, as a model's parameters
+        listed = variant == "fused"  # one allocation per tensor, as a model's parameters
         s = {k: [x.clone() for x in views(t)] for k, t in flat.items()} if listed else fresh()
-        if variant in ("fused", "fused_flat", "triton"):
+        if variant in ("fused", "fused_flat"):
             ps = [torch.nn.Parameter(x) for x in (s["p"] if listed else [s["p"]])]
             for p, g in zip(ps, s["g"] if listed else [s["g"]]):
                 p.grad = g
-            hyper = dict(lr=LR, betas=(B1, B2), eps=EPS, weight_decay=WD)
-            if variant == "triton":
-                from diffueraser.triton_adamw import TritonAdamW
-                opt = TritonAdamW(ps, device=dev, **hyper)
-            else:
-                opt = torch.optim.AdamW(ps, fused=True, **hyper)
+            opt = torch.optim.AdamW(ps, fused=True, lr=LR, betas=(B1, B2), eps=EPS, weight_decay=WD)
             saved = [p.detach().clone() for p in ps]
             opt.step()  # creates the state, then the state and weights are set back to the shared start
             for p, m, v, w in zip(ps, s["m"] if listed else [s["m"]], s["v"] if listed else [s["v"]], saved):

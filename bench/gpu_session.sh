@@ -3,20 +3,23 @@
 #
 #   setsid bash bench/gpu_session.sh OUT steps > OUT.log 2>&1 &   # ~10 min on an H200 (warm compile cache: less)
 #   setsid bash bench/gpu_session.sh OUT smoke > OUT.log 2>&1 &   # ~25 min
+#   setsid bash bench/gpu_session.sh OUT eval > OUT.log 2>&1 &    # ~5 min
 #   setsid bash bench/gpu_session.sh OUT preset > OUT.log 2>&1 &  # ~10 min (bitsandbytes among the wheels)
 #   setsid bash bench/gpu_session.sh OUT caps > OUT.log 2>&1 &    # ~8 min: the 46 GiB cap, three runs at once
 #   EXTRA="--channels_last" setsid bash bench/gpu_session.sh OUT caps ...   # the same with a flag under trial
 #   TINY=1 bash bench/gpu_session.sh OUT MODE                       # the same glue on a CPU, tiny (minutes)
 #
-# steps: the GPU tests (test_cuda_graph.py, test_triton_adamw.py, test_checkpoints.py, ~1 min), bench/adamw.py (the update
+# steps: the GPU tests (test_cuda_graph.py, test_checkpoints.py, ~1 min), bench/adamw.py (the update
 #        alone by kernel, ~2 min), then bench/train_step.py in one process, alone on the GPU: the default (latent
-#        cache; stage 1 also as its script runs it, s1-lc_cl_norm: --channels_last, run 29), both with the Triton
-#        AdamW (*-triton_adamw: --fused_adam 2), and the compiled 24 GB preset, both stages (same-run ratios; each
+#        cache; stage 1 also as its script runs it, s1-lc_cl_norm: --channels_last, run 29), and the compiled
+#        24 GB preset, both stages (same-run ratios; each
 #        configuration's peak per phase in the JSON; CONFIGS=a,b,... chooses others, e.g. s1-lc_model for the whole-model compile, run 27). With
 #        CACHE_FROM=DIR... it starts from those compile caches (a preset or caps run's), merged. Then
 #        bench/attention.py: each attention call of both steps under every kernel.
 # smoke: bench/gpu_e2e.py (both scripts, stop, resume, converters) under a 46 GiB cap with validation on,
-#        then stage-2 evaluation throughput on two 67-frame 480p videos (DAVIS val's mean length).
+#        then stage-2 evaluation throughput on two 67-frame 480p videos (DAVIS val's mean length), VFID and
+#        LPIPS on (bench/eval_assets.py: rule-filled I3D, random AlexNet).
+# eval:  the same evaluation of random full-size weights in the released layout (~5 min).
 # preset: at once, each under a 22 GiB cap: stage 1 and stage 2 (from the base UNet) through the scripts with
 #        the 24 GB preset, compiled, validation and the latent cache on (their s/step are not clean: two
 #        processes share the GPU).
@@ -44,10 +47,17 @@ gpu_e2e.write_assets('$out/assets', '$tiny' != '')"
         ln -sfn "$out/assets/data" "$out/$d/data"
     done
 }
+evaluate() {  # evaluate STAGE2_WEIGHTS BASE_MODEL: eval_DiffuEraser_stage2.py on OUT/evaldata, VFID and LPIPS on
+    part eval python3 eval_DiffuEraser_stage2.py --weights "mine=$1" --base_model_name_or_path "$2" \
+        --videos "$out/evaldata/videos/JPEGImages/480p" --i3d_weights "$out/evaldata/i3d.pt" \
+        --lpips_weights "$out/evaldata/alexnet.pth" --output_dir "$out/eval" "${evalsmall[@]}"
+}
+if [ -z "$tiny" ]; then evalsize=(--frames 67 --size 480x854); evalsmall=()  # DAVIS val's mean length, 480p
+else evalsize=(--frames 12 --size 64x96); evalsmall=(--resolution 32 --steps 2 --nframes 4); fi
 echo "start $mode $(date -u +%H:%M:%S)" >> "$out/times"
 case $mode in
   steps)
-    configs=${CONFIGS:-s1-latent_cache,s1-lc_cl_norm,s1-triton_adamw,s2-latent_cache,s2-triton_adamw,s1-24GB_compiled,s2-24GB_compiled}
+    configs=${CONFIGS:-s1-latent_cache,s1-lc_cl_norm,s2-latent_cache,s1-24GB_compiled,s2-24GB_compiled}
     [ -n "$tiny" ] && configs=${CONFIGS:-s1-latent_cache,s2-latent_cache}  # bitsandbytes: GPU only
     if [ -n "${CACHE_FROM:-}" ]; then  # content-addressed entries: merging caches is safe
       mkdir -p "$out/compile_cache"
@@ -57,22 +67,18 @@ case $mode in
       done
       export TORCHINDUCTOR_CACHE_DIR=$out/compile_cache
     fi
-    part gpu_tests python3 -m pytest -q tests/test_cuda_graph.py tests/test_triton_adamw.py tests/test_checkpoints.py  # CPU: GPU ones skip
+    part gpu_tests python3 -m pytest -q tests/test_cuda_graph.py tests/test_checkpoints.py  # CPU: GPU ones skip
     [ -n "$tiny" ] || part adamw python3 bench/adamw.py --json "$out/adamw.json"
     part table python3 bench/train_step.py $tiny --configs $configs --json "$out/table.json"
     part attention python3 bench/attention.py $tiny --json "$out/attention.json" ;;  # ~1 min
   smoke)
-    if [ -z "$tiny" ]; then
-      e2e=(--extra "--memory_cap_gib 46"); frames=67; size="(480, 854)"; small=()
-    else
-      e2e=(--tiny); frames=12; size="(64, 96)"; small=(--resolution 32 --steps 2 --nframes 4)
-    fi
+    if [ -z "$tiny" ]; then e2e=(--extra "--memory_cap_gib 46"); else e2e=(--tiny); fi
     part e2e python3 bench/gpu_e2e.py "$out/e2e" "${e2e[@]}"
-    part evaldata python3 -c "from diffueraser.tiny import write_synthetic_davis as w
-w('$out/evaldata', videos=('v0', 'v1'), nframes=$frames, size=$size)"
-    part eval python3 eval_DiffuEraser_stage2.py --weights "mine=$out/e2e/converted/stage2" \
-        --base_model_name_or_path "$out/e2e/weights/sd" --videos "$out/evaldata/JPEGImages/480p" \
-        --output_dir "$out/eval" "${small[@]}" ;;
+    part evaldata python3 bench/eval_assets.py "$out/evaldata" "${evalsize[@]}"
+    evaluate "$out/e2e/converted/stage2" "$out/e2e/weights/sd" ;;
+  eval)  # random full-size weights in the released layout: the evaluation's time without a training run first
+    part evaldata python3 bench/eval_assets.py "$out/evaldata" "${evalsize[@]}" --weights "$([ -n "$tiny" ] && echo tiny || echo full)"
+    evaluate "$out/evaldata/stage2" "$out/evaldata/base" ;;
   preset)  # at once, each capped; disk: one copy of the weights and data, no checkpoint kept
     if [ -z "$tiny" ]; then
       p=(--extra "--memory_cap_gib 22 --gradient_checkpointing --vae_batch_size 4")
@@ -92,6 +98,6 @@ w('$out/evaldata', videos=('v0', 'v1'), nframes=$frames, size=$size)"
     [ -z "$tiny" ] && part preset python3 bench/train_step.py --memory_cap_gib 22 \
         --configs s1-24GB_compiled,s2-24GB_compiled --json "$out/preset.json" &
     wait ;;
-  *) echo "mode: steps, smoke, preset or caps" >&2; exit 2 ;;
+  *) echo "mode: steps, smoke, eval, preset or caps" >&2; exit 2 ;;
 esac
 echo "done $(date -u +%H:%M:%S)" >> "$out/times"

@@ -54,7 +54,6 @@ CONFIGS = {
     "s1-latent_cache": ("stage1", dict(latent_cache=True)),  # the default with the clean frames' moments cached
     "s1-lc_cl_norm": ("stage1", dict(latent_cache=True, channels_last=True)),  # compiled: per-channel norms (run 25)
     "s1-lc_model": ("stage1", dict(latent_cache=True, compile_scope="model")),
-    "s1-triton_adamw": ("stage1", dict(latent_cache=True, channels_last=True, fused_adam=2)),  # the script's + --fused_adam 2
     "s2-baseline": ("stage2", dict(baseline=True)),
     "s2-default": ("stage2", dict()),
     "s2-eager": ("stage2", dict(compile=False, cuda_graph=False)),
@@ -70,7 +69,6 @@ CONFIGS = {
     "s2-latent_cache": ("stage2", dict(latent_cache=True)),
     "s2-lc_cl_norm": ("stage2", dict(latent_cache=True, channels_last=True)),
     "s2-lc_model": ("stage2", dict(latent_cache=True, compile_scope="model")),
-    "s2-triton_adamw": ("stage2", dict(latent_cache=True, fused_adam=2)),
 }
 FRAMES = {"stage1": 10, "stage2": 22}
 
@@ -383,7 +381,7 @@ def main(argv=None):
 
     cuda = torch.cuda.is_available() and not args.tiny
     accelerator = Accelerator(mixed_precision=args.mixed_precision or ("fp16" if cuda else "no"), cpu=not cuda)
-    names = args.configs.split(",") if args.configs else [n for n in CONFIGS if not (args.tiny and ("compile" in n or "graph" in n or "triton" in n))]  # CPU: no compile, graphs, Triton
+    names = args.configs.split(",") if args.configs else [n for n in CONFIGS if not (args.tiny and ("compile" in n or "graph" in n))]  # CPU: no compile, graphs
     for name in names:  # every name checked before the first configuration runs
         base, at, cap = name.partition("@")
         if base not in CONFIGS:

@@ -121,9 +121,8 @@ def add_speed_args(parser):
     g.add_argument("--latent_cache", type=str, default=None, metavar="DIR",
                    help="Keep the clean frames' VAE moments in DIR (computed once, ~65 KB a frame at 512) and draw "
                         "their latents from them: only the masked frames are encoded per step. Frame folders only.")
-    g.add_argument("--fused_adam", type=int, default=1, choices=[0, 1, 2],
-                   help="1: torch's fused AdamW kernel on CUDA; 0: its foreach form; 2: this project's AdamW in one "
-                        "Triton launch over every parameter (opt-in: same update, same checkpoint format).")
+    g.add_argument("--fused_adam", type=int, default=1, choices=[0, 1],
+                   help="1: torch's fused AdamW kernel on CUDA; 0: its foreach form.")
     g.add_argument("--fold_clip", type=int, default=1, choices=[0, 1],
                    help="With the fused AdamW: unscale and clip the gradients inside its kernel (one pass over "
                         "the weights instead of three); 0: accelerate's clip_grad_norm_ then the step.")
@@ -213,8 +212,6 @@ def check_args(args):
     check_data_args(args)
     if args.resolution % 8:
         raise SystemExit(f"--resolution: {args.resolution} is not a multiple of 8")
-    if args.use_8bit_adam and args.fused_adam == 2:
-        raise SystemExit("--fused_adam 2 and --use_8bit_adam: two different AdamW kernels; choose one")
     for flag in ("nframes", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                  "validation_steps"):
         if getattr(args, flag) < 1:

@@ -138,9 +138,6 @@ def make_optimizer(args, params, accelerator):
         except ImportError as e:
             raise SystemExit("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)") from e
         return bnb.optim.AdamW8bit(params, **kwargs)
-    if args.fused_adam == 2:  # one Triton launch over every tensor: on CUDA, or Triton's interpreter (tests)
-        from diffueraser.triton_adamw import TritonAdamW
-        return TritonAdamW(params, device=accelerator.device, **kwargs)
     fused = bool(args.fused_adam) and accelerator.device.type == "cuda"
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 

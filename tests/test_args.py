@@ -33,10 +33,6 @@ def test_invalid_values(base, flag, value):
     assert refusal(base + [f"--{flag}", value]).startswith(f"--{flag}: {value}")
 
 
-def test_two_adamw_kernels_are_refused(base):
-    assert refusal(base + ["--fused_adam", "2", "--use_8bit_adam"]).startswith("--fused_adam 2 and --use_8bit_adam")
-
-
 def test_fp16_needs_a_gpu(base, monkeypatch):
     """From the flag or from accelerate launch (ACCELERATE_MIXED_PRECISION); bf16 and no pass; the flag wins."""
     import torch

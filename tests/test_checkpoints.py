@@ -205,10 +205,18 @@ def save_with_full_disk_on_rank_1(output_dir):
 
 @pytest.mark.xdist_group("port29500")  # debug_launcher's fixed port: one such test at a time under -n
 def test_full_disk_on_one_process_stops_every_process(tmp_path):
-    """No process is left waiting at a barrier for one that ran out of space."""
-    from accelerate import debug_launcher
+    """No process is left waiting at a barrier for one that ran out of space. Two CPU processes, forked
+    from a fresh one with no GPU in sight (forked from pytest after a GPU test, they could not use CUDA)."""
+    import subprocess
+    import sys
 
-    debug_launcher(save_with_full_disk_on_rank_1, args=(str(tmp_path),), num_processes=2)
+    from tests.test_train_e2e import REPO
+
+    call = ("from accelerate import debug_launcher; from tests.test_checkpoints import save_with_full_disk_on_rank_1 "
+            f"as save; debug_launcher(save, args=({str(tmp_path)!r},), num_processes=2)")
+    proc = subprocess.run([sys.executable, "-c", call], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text().startswith(f"no space left on {tmp_path}")
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
@@ -246,3 +254,48 @@ def test_resume_under_the_other_channels_last_gives_the_moments_the_parameters_l
     state["state1"] = torch.zeros(conv.weight.shape, dtype=torch.uint8, device=device)  # bitsandbytes' 8-bit state, NCHW
     with pytest.raises(SystemExit, match=r"ckpt: its optimizer state \(state1\).*--channels_last"):
         optimizer_as_this_run(optimizer, "ckpt")
+
+
+def test_resume_under_the_other_fused_adam_keeps_this_runs_kernel(tmp_path):
+    """Saved by one AdamW kernel, resumed by the other through accelerate: the same state, and each run
+    keeps its own kernel (torch's load_state_dict would take the saved groups' fused/foreach flags; a
+    foreach AdamW then refuses the folded clip's grad_scale) with its step counts where that kernel reads
+    them."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from diffueraser.checkpoints import resume, save_checkpoint
+
+    makers = {"fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=1e-2, fused=True),
+              "foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=1e-2, foreach=True)}
+
+    def net_and_loss(step):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(64, 2))
+        x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(step))
+        return net, lambda m: m(x).square().mean()
+
+    for saver, loader in (("fused", "foreach"), ("foreach", "fused")):
+        out = tmp_path / f"{saver}-{loader}"
+        accelerator = Accelerator(cpu=True)
+        net, loss = net_and_loss(0)
+        net, opt = accelerator.prepare(net, makers[saver](net.parameters()))
+        loss(net).backward()
+        opt.step()
+        saved = [{k: v.clone() for k, v in opt.optimizer.state[p].items()} for p in net.parameters()]
+        save_checkpoint(accelerator, str(out), 1)
+        accelerator._optimizers.clear(), accelerator._models.clear()  # the resumed run's own, as in a new process
+        net2, loss = net_and_loss(1)
+        net2, opt2 = accelerator.prepare(net2, makers[loader](net2.parameters()))
+        assert resume(accelerator, SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(out)))[0] == 1
+        inner = opt2.optimizer
+        assert {k: inner.param_groups[0][k] for k in ("fused", "foreach")} == \
+            {k: inner.defaults[k] for k in ("fused", "foreach")}, (saver, loader)
+        for p, before in zip(net2.parameters(), saved):
+            for key, value in before.items():
+                assert torch.equal(inner.state[p][key].float(), value.float()), (saver, loader, key)
+        loss(net2).backward()
+        opt2.step()  # each steps with its own kernel from the other's state
+        assert all(int(inner.state[p]["step"]) == 2 for p in net2.parameters())
+        accelerator._optimizers.clear(), accelerator._models.clear()

@@ -310,20 +310,15 @@ def test_converters_refuse_partial_truncated_and_other_stage_checkpoints(stage1_
 
 
 @pytest.mark.parametrize("extra", [
-    {"train_batch_size": 2, "gradient_accumulation_steps": 2, "mixed_precision": "no", "fused_adam": 2},
+    {"train_batch_size": 2, "gradient_accumulation_steps": 2, "mixed_precision": "no"},
     {"mixed_precision": "bf16", "gradient_checkpointing": True, "channels_last": 1, "report_to": "tensorboard"},
 ])
 def test_batch_accumulation_and_precision(assets, tmp_path, extra):
     clip = assets / "DAVIS" / "JPEGImages" / "480p" / "bear"
-    triton = {"TRITON_INTERPRET": "1"} if extra.get("fused_adam") == 2 else {}  # the Triton AdamW on CPU
     proc = run("train_DiffuEraser_stage1.py", flags(assets, tmp_path, 2, **extra, validation_steps=5,
                                                     validation_image=clip,
-                                                    validation_mask=str(clip).replace("JPEGImages", "Annotations")),
-               env=dict(os.environ, **triton))
+                                                    validation_mask=str(clip).replace("JPEGImages", "Annotations")))
     assert list_checkpoints(str(tmp_path))[-1][0] == 2
-    if triton:  # its checkpoint says which optimizer stepped: the Triton AdamW's groups are capturable
-        groups = torch.load(tmp_path / "checkpoint-2" / "optimizer.bin", weights_only=False)["param_groups"]
-        assert groups[0]["capturable"] and not groups[0]["fused"]
     # validation at the start and at the end (2 is no multiple of 5), also under mixed precision, where
     # accelerate rebuilds the models' outputs in fp32 (every bf16/fp16 stage-1 validation once failed so)
     assert "failed" not in proc.stderr, proc.stderr[-3000:]
