@@ -11,9 +11,11 @@ changed frame, resolution or VAE gives a new file (old ones are never read again
 Frame folders only (DAVIS, YouTube-VOS, --frames_root): video files are not cached.
 """
 import hashlib
+import itertools
 import json
 import os
 import shutil
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -86,45 +88,56 @@ class LatentCache:
     @torch.no_grad()
     def build(self, videos, vae, show=True):
         """Encode the frames of every video whose file is missing; returns (videos encoded, videos
-        with an unreadable frame: left without a file, so the loader skips their clips)."""
+        with an unreadable frame: left without a file, so the loader skips their clips). Four threads
+        read up to 4 batches ahead, across videos (a YouTube-VOS video is ~2 batches). A compiled
+        encoder (the scripts' --compile) gets whole batches, the last of each video padded: one
+        graph for every batch."""
         from dataset.finetune_dataset import READ_ERRORS, SIGNED_UNIT, lookup, read_square, reduction, to_planes
         from PIL import Image
 
         todo = self.missing(videos)
         os.makedirs(self.dir, exist_ok=True)
         r = self.resolution
+        compiled = getattr(vae.encoder, "_compiled_call_impl", None) is not None
         bar = tqdm(total=sum(len(v.frames) for v in todo), desc="latent cache", unit="frame", disable=not show)
 
-        def read(paths, reduce):
-            frames = np.empty((len(paths), r, r, 3), np.uint8)
+        def read(video, start):
+            paths = video.frames[start:start + BATCH]
+            with Image.open(video.frames[0]) as first:
+                reduce = reduction(*first.size, r)  # as the loader reads them
+            frames = np.zeros((BATCH if compiled else len(paths), r, r, 3), np.uint8)
             for i, path in enumerate(paths):
                 read_square(path, r, reduce, frames[i])
             return lookup(to_planes(frames), SIGNED_UNIT)
 
-        encoded, bad = 0, []
-        with ThreadPoolExecutor(4) as pool, torch.compiler.set_stance("force_eager"):
-            for video in todo:
-                batches = [video.frames[i:i + BATCH] for i in range(0, len(video.frames), BATCH)]
+        jobs = iter([(v, start) for v in todo for start in range(0, len(v.frames), BATCH)])
+        encoded, bad, failed, parts = 0, [], set(), []
+        with ThreadPoolExecutor(4) as pool:
+            reads = deque((job, pool.submit(read, *job)) for job in itertools.islice(jobs, 4))
+            while reads:
+                (video, start), done = reads.popleft()
+                job = next(jobs, None)
+                if job is not None:
+                    reads.append((job, pool.submit(read, *job)))
+                if id(video) in failed:
+                    continue
                 try:
-                    with Image.open(video.frames[0]) as first:
-                        reduce = reduction(*first.size, r)  # as the loader reads them
-                    reads = [pool.submit(read, b, reduce) for b in batches[:4]]  # 4 batches ahead at most
-                    moments = []
-                    for i in range(len(batches)):
-                        x = reads[i].result()
-                        if i + 4 < len(batches):
-                            reads.append(pool.submit(read, batches[i + 4], reduce))
-                        dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
-                        moments.append(torch.cat([dist.mean, dist.std], dim=1).to(torch.float16).cpu())
-                        bar.update(len(x))
+                    x = done.result()
                 except READ_ERRORS as err:
                     bad.append(f"{video.source} video {video.name}: {err}")
+                    failed.add(id(video))
+                    parts = []
                     continue
-                partial = f"{video.latents}.{os.getpid()}.partial"  # renamed when whole: a kill leaves no file
-                with open(partial, "wb") as f:
-                    np.save(f, torch.cat(moments).numpy())
-                os.replace(partial, video.latents)
-                encoded += 1
+                n = min(BATCH, len(video.frames) - start)
+                dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
+                parts.append(torch.cat([dist.mean[:n], dist.std[:n]], dim=1).to(torch.float16))
+                bar.update(n)
+                if start + n == len(video.frames):  # its last batch: the file, renamed when whole (a kill leaves none)
+                    partial = f"{video.latents}.{os.getpid()}.partial"
+                    with open(partial, "wb") as f:
+                        np.save(f, torch.cat(parts).cpu().numpy())
+                    os.replace(partial, video.latents)
+                    encoded, parts = encoded + 1, []
         bar.close()
         return encoded, bad
 

@@ -69,6 +69,36 @@ def test_cached_moments_are_the_encoders_and_drawn_latents_follow_them(assets, t
     vae.encoder.to(memory_format=torch.channels_last)  # as a compiled run keeps it: the same VAE, the same folder
     assert LatentCache(tmp_path / "cache", 32, vae).dir == cache.dir
 
+def test_compiled_encoder_builds_with_one_graph(assets, tmp_path, monkeypatch):
+    """The scripts compile the VAE encoder for one shape: the build hands it whole batches, each video's
+    last one padded, so it compiles once, and the files hold the eager build's moments, row for row."""
+    import dataset.latent_cache as latent_cache
+    from dataset.sources import scan_davis, scan_ytvos
+
+    monkeypatch.setattr(latent_cache, "BATCH", 5)  # 12-frame videos: batches of 5, 5 and 2 (+ 3 padding)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**TINY_VAE).eval()
+
+    def build(root):
+        videos = scan_davis(assets / "DAVIS", 4, repeat=1).videos + scan_ytvos(assets / "YTVOS", 4).videos
+        assert any(len(v.frames) % 5 for v in videos)
+        assert LatentCache(root, 32, vae).attach(videos).build(videos, vae, show=False) == (len(videos), [])
+        return [(len(v.frames), np.load(v.latents)) for v in videos]
+
+    eager = build(tmp_path / "eager")
+    graphs = []
+
+    def backend(gm, example_inputs):  # counts the graphs dynamo hands over; runs them as they are
+        graphs.append(gm)
+        return gm.forward
+    vae.encoder.compile(backend=backend, fullgraph=True, dynamic=False)
+    compiled = build(tmp_path / "compiled")
+    assert len(graphs) == 1
+    for (n, a), (_, b) in zip(eager, compiled):
+        assert a.shape == b.shape and a.shape[0] == n
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3, rtol=2e-3)
+
+
 def test_training_run_builds_and_uses_the_cache(assets, tmp_path, monkeypatch):
     import train_DiffuEraser_stage1 as stage1
     from diffueraser import speed, trainer
