@@ -256,11 +256,13 @@ def test_resume_under_the_other_channels_last_gives_the_moments_the_parameters_l
         optimizer_as_this_run(optimizer, "ckpt")
 
 
-def test_resume_under_the_other_fused_adam_keeps_this_runs_kernel(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="where the step counts live matters on CUDA"))])
+def test_resume_under_the_other_fused_adam_keeps_this_runs_kernel(tmp_path, device):
     """Saved by one AdamW kernel, resumed by the other through accelerate: the same state, and each run
     keeps its own kernel (torch's load_state_dict would take the saved groups' fused/foreach flags; a
     foreach AdamW then refuses the folded clip's grad_scale) with its step counts where that kernel reads
-    them."""
+    them (fused: the parameters' device; foreach: the host)."""
     from types import SimpleNamespace
 
     from accelerate import Accelerator
@@ -274,11 +276,11 @@ def test_resume_under_the_other_fused_adam_keeps_this_runs_kernel(tmp_path):
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(64, 2))
         x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(step))
-        return net, lambda m: m(x).square().mean()
+        return net, lambda m: m(x.to(device)).square().mean()
 
     for saver, loader in (("fused", "foreach"), ("foreach", "fused")):
         out = tmp_path / f"{saver}-{loader}"
-        accelerator = Accelerator(cpu=True)
+        accelerator = Accelerator(cpu=device == "cpu")
         net, loss = net_and_loss(0)
         net, opt = accelerator.prepare(net, makers[saver](net.parameters()))
         loss(net).backward()
@@ -294,7 +296,8 @@ def test_resume_under_the_other_fused_adam_keeps_this_runs_kernel(tmp_path):
             {k: inner.defaults[k] for k in ("fused", "foreach")}, (saver, loader)
         for p, before in zip(net2.parameters(), saved):
             for key, value in before.items():
-                assert torch.equal(inner.state[p][key].float(), value.float()), (saver, loader, key)
+                assert torch.equal(inner.state[p][key].float().cpu(), value.float().cpu()), (saver, loader, key)
+            assert inner.state[p]["step"].device.type == (device if loader == "fused" else "cpu")
         loss(net2).backward()
         opt2.step()  # each steps with its own kernel from the other's state
         assert all(int(inner.state[p]["step"]) == 2 for p in net2.parameters())

@@ -71,32 +71,48 @@ def test_cached_moments_are_the_encoders_and_drawn_latents_follow_them(assets, t
 
 def test_compiled_encoder_builds_with_one_graph(assets, tmp_path, monkeypatch):
     """The scripts compile the VAE encoder for one shape: the build hands it whole batches, each video's
-    last one padded, so it compiles once, and the files hold the eager build's moments, row for row."""
+    last one padded, so it compiles once. Each file holds its video's frames' moments in order; an
+    unreadable frame in a video's second batch leaves that video without a file and the next one whole."""
     import dataset.latent_cache as latent_cache
+    from dataset.finetune_dataset import SIGNED_UNIT, lookup, read_square, reduction, to_planes
     from dataset.sources import scan_davis, scan_ytvos
+    from PIL import Image
 
     monkeypatch.setattr(latent_cache, "BATCH", 5)  # 12-frame videos: batches of 5, 5 and 2 (+ 3 padding)
+    for tree in ("DAVIS", "YTVOS"):  # a copy: a frame is broken below
+        shutil.copytree(assets / tree, tmp_path / tree)
+    videos = scan_davis(tmp_path / "DAVIS", 4, repeat=1).videos + scan_ytvos(tmp_path / "YTVOS", 4).videos
+    assert len(videos) > 2 and len(videos[0].frames) == 12
     torch.manual_seed(0)
     vae = AutoencoderKL(**TINY_VAE).eval()
 
-    def build(root):
-        videos = scan_davis(assets / "DAVIS", 4, repeat=1).videos + scan_ytvos(assets / "YTVOS", 4).videos
-        assert any(len(v.frames) % 5 for v in videos)
-        assert LatentCache(root, 32, vae).attach(videos).build(videos, vae, show=False) == (len(videos), [])
-        return [(len(v.frames), np.load(v.latents)) for v in videos]
+    @torch.no_grad()
+    def encoded(video):  # the eager encoder on the video's frames, read as the loader reads them
+        with Image.open(video.frames[0]) as first:
+            reduce = reduction(*first.size, 32)
+        frames = np.empty((len(video.frames), 32, 32, 3), np.uint8)
+        for i, path in enumerate(video.frames):
+            read_square(path, 32, reduce, frames[i])
+        dist = vae.encode(lookup(to_planes(frames), SIGNED_UNIT)).latent_dist
+        return torch.cat([dist.mean, dist.std], dim=1).numpy()
 
-    eager = build(tmp_path / "eager")
+    expected = [encoded(v) for v in videos]
     graphs = []
 
     def backend(gm, example_inputs):  # counts the graphs dynamo hands over; runs them as they are
         graphs.append(gm)
         return gm.forward
     vae.encoder.compile(backend=backend, fullgraph=True, dynamic=False)
-    compiled = build(tmp_path / "compiled")
+    with open(videos[0].frames[7], "r+b") as f:
+        f.truncate(100)
+    count, bad = LatentCache(tmp_path / "cache", 32, vae).attach(videos).build(videos, vae, show=False)
     assert len(graphs) == 1
-    for (n, a), (_, b) in zip(eager, compiled):
-        assert a.shape == b.shape and a.shape[0] == n
-        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3, rtol=2e-3)
+    assert count == len(videos) - 1 and len(bad) == 1 and videos[0].name in bad[0]
+    assert not os.path.exists(videos[0].latents)
+    for video, want in zip(videos[1:], expected[1:]):
+        got = np.load(video.latents)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got.astype(np.float32), want, atol=2e-3, rtol=2e-3)
 
 
 def test_training_run_builds_and_uses_the_cache(assets, tmp_path, monkeypatch):
