@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 BATCH = 16  # frames per encoder call while building
+ON_DEVICE = 64  # a video's encoded batches kept on the GPU before they move to host memory (one wait each)
 
 
 def vae_hash(vae):
@@ -131,11 +132,13 @@ class LatentCache:
                 n = min(BATCH, len(video.frames) - start)
                 dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
                 parts.append(torch.cat([dist.mean[:n], dist.std[:n]], dim=1).to(torch.float16))
+                if len(parts) > ON_DEVICE:  # a long video (--frames_root): its moments so far to host memory
+                    parts = [torch.cat([t.cpu() for t in parts])]
                 bar.update(n)
                 if start + n == len(video.frames):  # its last batch: the file, renamed when whole (a kill leaves none)
                     partial = f"{video.latents}.{os.getpid()}.partial"
                     with open(partial, "wb") as f:
-                        np.save(f, torch.cat(parts).cpu().numpy())
+                        np.save(f, torch.cat([t.cpu() for t in parts]).numpy())
                     os.replace(partial, video.latents)
                     encoded, parts = encoded + 1, []
         bar.close()

@@ -72,13 +72,15 @@ def test_cached_moments_are_the_encoders_and_drawn_latents_follow_them(assets, t
 def test_compiled_encoder_builds_with_one_graph(assets, tmp_path, monkeypatch):
     """The scripts compile the VAE encoder for one shape: the build hands it whole batches, each video's
     last one padded, so it compiles once. Each file holds its video's frames' moments in order; an
-    unreadable frame in a video's second batch leaves that video without a file and the next one whole."""
+    unreadable frame in a video's second batch leaves that video without a file and the next one whole.
+    A long video's first batches wait in host memory (checked here by moving every batch after the first)."""
     import dataset.latent_cache as latent_cache
     from dataset.finetune_dataset import SIGNED_UNIT, lookup, read_square, reduction, to_planes
     from dataset.sources import scan_davis, scan_ytvos
     from PIL import Image
 
     monkeypatch.setattr(latent_cache, "BATCH", 5)  # 12-frame videos: batches of 5, 5 and 2 (+ 3 padding)
+    monkeypatch.setattr(latent_cache, "ON_DEVICE", 1)  # as a long video: earlier batches move to host memory
     for tree in ("DAVIS", "YTVOS"):  # a copy: a frame is broken below
         shutil.copytree(assets / tree, tmp_path / tree)
     videos = scan_davis(tmp_path / "DAVIS", 4, repeat=1).videos + scan_ytvos(tmp_path / "YTVOS", 4).videos
