@@ -163,7 +163,7 @@ def run_config(name, stage, opts, args, accelerator, where=None):
                                vae_channel_norm=opts.get("vae_channel_norm", 1),
                                learning_rate=5e-6, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=1e-2,
                                adam_epsilon=1e-8, use_8bit_adam=opts.get("use_8bit_adam", False),
-                               fused_adam=0 if opts.get("baseline") else opts.get("fused_adam", 1), train_batch_size=1,
+                               fused_adam=0 if opts.get("baseline") else 1, train_batch_size=1,
                                fold_clip=opts.get("fold_clip", 1),
                                gradient_accumulation_steps=1, max_grad_norm=1.0, max_bad_steps=20)
     graph = False if opts.get("baseline") else resolve_cuda_graph(opts.get("cuda_graph"), run_args, accelerator)
@@ -381,7 +381,7 @@ def main(argv=None):
 
     cuda = torch.cuda.is_available() and not args.tiny
     accelerator = Accelerator(mixed_precision=args.mixed_precision or ("fp16" if cuda else "no"), cpu=not cuda)
-    names = args.configs.split(",") if args.configs else [n for n in CONFIGS if not (args.tiny and ("compile" in n or "graph" in n))]  # CPU: no compile, graphs
+    names = args.configs.split(",") if args.configs else [n for n in CONFIGS if not (args.tiny and ("compile" in n or "graph" in n))]  # CPU: no compile, no graphs
     for name in names:  # every name checked before the first configuration runs
         base, at, cap = name.partition("@")
         if base not in CONFIGS:

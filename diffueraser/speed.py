@@ -357,11 +357,10 @@ def compile_models(args, *models):
 
 
 def folds_clip(accelerator, args, optimizer):
-    """True where the clip can be folded into the optimizer (fused_clip_step): torch's fused AdamW on
-    one process or under DDP (whose gradients are already reduced), with `--fold_clip 1`."""
+    """True where the clip can be folded into the optimizer (fused_clip_step): torch's fused AdamW
+    on one process or under DDP (whose gradients are already reduced), with `--fold_clip 1`."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    takes_scale = isinstance(inner, torch.optim.AdamW) and inner.defaults.get("fused")  # DeepSpeed's: no defaults
-    return bool(getattr(args, "fold_clip", 1) and takes_scale
+    return bool(getattr(args, "fold_clip", 1) and isinstance(inner, torch.optim.AdamW) and inner.defaults.get("fused")
                 and accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU))
 
 
